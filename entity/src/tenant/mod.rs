@@ -1,0 +1,3 @@
+pub mod agent;
+pub mod agent_team;
+pub mod team;

@@ -1,0 +1,1 @@
+pub mod m20261126_000001_accounts;

@@ -1,0 +1,78 @@
+//! The HTTP surface: routes, extractors and the error shape.
+
+mod agents;
+pub mod auth;
+mod error;
+mod health;
+mod json;
+pub mod middleware;
+mod platform;
+
+use actix_web::{HttpRequest, web};
+
+pub use error::ApiError;
+pub use json::{BodyLimit, JsonBody, Query};
+pub use platform::CreateTenantBody;
+
+/// Registers every route. The tenant of `/api/*` routes comes from the `Host` header through
+/// the [`crate::tenancy::Tenant`] extractor; `/platform/*` and health routes answer on any host.
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/healthz", web::get().to(health::healthz))
+        .route("/readyz", web::get().to(health::readyz))
+        .service(
+            web::scope("/platform/v1")
+                .service(
+                    web::resource("/tenants")
+                        .get(platform::list_tenants)
+                        .post(platform::create_tenant),
+                )
+                .route("/tenants/{slug}", web::get().to(platform::get_tenant))
+                .route(
+                    "/tenants/{slug}/suspend",
+                    web::post().to(platform::suspend_tenant),
+                )
+                .route(
+                    "/tenants/{slug}/resume",
+                    web::post().to(platform::resume_tenant),
+                )
+                .route(
+                    "/tenants/{slug}/domains",
+                    web::post().to(platform::add_domain),
+                )
+                .route(
+                    "/tenants/{slug}/domains/{domain}",
+                    web::delete().to(platform::remove_domain),
+                ),
+        )
+        .service(
+            web::scope("/api/v1")
+                .route("/auth/login", web::post().to(auth::login))
+                .route("/me", web::get().to(auth::me))
+                .service(
+                    web::resource("/agents")
+                        .get(agents::list)
+                        .post(agents::create),
+                )
+                .service(
+                    web::resource("/agents/{id}")
+                        .get(agents::get)
+                        .patch(agents::update)
+                        .delete(agents::delete),
+                )
+                .service(
+                    web::resource("/teams")
+                        .get(agents::list_teams)
+                        .post(agents::create_team),
+                ),
+        );
+}
+
+/// Path parameters that do not parse (`/agents/abc`) name nothing: 404.
+pub fn path_error(err: actix_web::error::PathError, _: &HttpRequest) -> actix_web::Error {
+    ApiError::NotFound(format!("no such resource ({err})")).into()
+}
+
+/// Any route that does not exist.
+pub async fn not_found() -> Result<actix_web::HttpResponse, ApiError> {
+    Err(ApiError::NotFound("no such route".into()))
+}

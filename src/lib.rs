@@ -1,0 +1,25 @@
+//! Kefu (客服): a multi-tenant customer-service server.
+//!
+//! # Layout
+//!
+//! - [`settings`]: typed configuration: defaults, then a TOML file, then `KEFU_*` variables.
+//! - [`telemetry`]: `tracing` subscriber set-up (pretty or JSON lines).
+//! - [`startup`]: [`startup::Application`] binds the listener, wires state and runs the server.
+//! - [`cli`]: the `kefu` command line (`serve`, `tenant …`, `migrate`).
+//! - [`demo`]: the `--demo` tenant.
+//! - [`storage`]: the platform database, one database per tenant (SQLite files or PostgreSQL
+//!   databases), lazily opened and capped tenant pools, migrations.
+//! - [`tenancy`]: tenant names, host → tenant resolution with its cache, all-or-nothing
+//!   onboarding, and the extractor that hands a handler its tenant's database.
+//! - [`accounts`]: agents, roles, teams, password hashing and signed agent tokens.
+//! - [`http`]: routes, the JSON error shape, request ids, the platform and tenant APIs.
+
+pub mod accounts;
+pub mod cli;
+pub mod demo;
+pub mod http;
+pub mod settings;
+pub mod startup;
+pub mod storage;
+pub mod telemetry;
+pub mod tenancy;

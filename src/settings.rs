@@ -1,0 +1,227 @@
+//! Typed settings: built-in defaults, then an optional TOML file, then `KEFU_*` environment
+//! variables, then command-line flags. Anything invalid stops start-up with the setting named.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// Everything a Kefu process needs to know before it starts.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// HTTP + WebSocket listener. Port 0 picks a free port (tests do this).
+    pub listen: SocketAddr,
+    /// Embedded storage: the platform SQLite file and one file per tenant.
+    pub data_dir: PathBuf,
+    /// `postgres://…` selects PostgreSQL: this database is the platform one and every tenant
+    /// gets a database of its own on the same server. Unset: SQLite under `data_dir`.
+    pub database_url: Option<String>,
+    /// Set: cluster mode over NATS. Unset: in-process bus.
+    pub nats_url: Option<String>,
+    /// This node's name in logs, metrics and `hello` frames.
+    pub node_id: String,
+    /// Operator API bearer key. Unset: generated once and kept in the platform database.
+    pub platform_key: Option<String>,
+    /// Agent token signing secret. Unset: generated once and kept in the platform database.
+    pub jwt_secret: Option<String>,
+    /// `pretty` for people, `json` for log collectors.
+    pub log_format: LogFormat,
+    /// HTTP worker threads; unset uses one per core.
+    pub workers: Option<usize>,
+    /// Largest accepted HTTP request body, in bytes.
+    pub max_body_bytes: usize,
+    /// Lifetime of an agent token, in seconds.
+    pub token_ttl_secs: u64,
+    /// Tenant database pools: how many may be open at once, and after how long unused a
+    /// pool is closed, so that a thousand quiet tenants do not hold a thousand pools.
+    pub tenant_pools: TenantPoolSettings,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantPoolSettings {
+    /// Open tenant pools at most; the least recently used is closed past this.
+    pub max_open: usize,
+    /// Seconds without use after which a tenant pool is closed.
+    pub idle_secs: u64,
+    /// Connections per tenant pool at most (PostgreSQL; SQLite also uses it for readers).
+    pub connections: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+/// Command-line values that override every other source.
+#[derive(Debug, Default)]
+pub struct Overrides {
+    pub config: Option<PathBuf>,
+    pub listen: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+    #[error("invalid setting {setting}: {reason}")]
+    Setting {
+        setting: &'static str,
+        reason: String,
+    },
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("./data"),
+            database_url: None,
+            nats_url: None,
+            node_id: default_node_id(),
+            platform_key: None,
+            jwt_secret: None,
+            log_format: LogFormat::Pretty,
+            workers: None,
+            max_body_bytes: 64 * 1024,
+            token_ttl_secs: 12 * 3600,
+            tenant_pools: TenantPoolSettings {
+                max_open: 256,
+                idle_secs: 300,
+                connections: 8,
+            },
+        }
+    }
+}
+
+/// The shortest secret we accept from configuration: 16 bytes of entropy in hex or base64
+/// is at least this long, and a shorter one is almost certainly a placeholder.
+const MIN_SECRET_LEN: usize = 16;
+
+impl Settings {
+    /// Loads defaults, then `overrides.config` (if any), then `KEFU_*` variables, then the
+    /// command-line overrides, and validates the result.
+    pub fn load(overrides: Overrides) -> Result<Self, SettingsError> {
+        let mut figment = Figment::from(Serialized::defaults(Settings::default()));
+        if let Some(path) = &overrides.config {
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        // `KEFU_TENANT_POOLS__MAX_OPEN` reaches `tenant_pools.max_open`.
+        figment = figment.merge(Env::prefixed("KEFU_").split("__"));
+        let mut settings: Settings = figment.extract().map_err(describe)?;
+        if let Some(listen) = overrides.listen {
+            settings.listen = listen;
+        }
+        if let Some(dir) = overrides.data_dir {
+            settings.data_dir = dir;
+        }
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks what serde cannot: shapes of URLs, ranges, secret lengths.
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        let bad = |setting, reason: &str| {
+            Err(SettingsError::Setting {
+                setting,
+                reason: reason.to_owned(),
+            })
+        };
+        if let Some(url) = &self.database_url {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                return bad(
+                    "KEFU_DATABASE_URL",
+                    "must be a postgres:// URL (leave it unset for SQLite)",
+                );
+            }
+            if url::Url::parse(url).is_err() {
+                return bad("KEFU_DATABASE_URL", "is not a valid URL");
+            }
+        }
+        if let Some(url) = &self.nats_url
+            && url.trim().is_empty()
+        {
+            return bad(
+                "KEFU_NATS_URL",
+                "is empty (leave it unset for a single node)",
+            );
+        }
+        if self.node_id.trim().is_empty() || self.node_id.len() > 64 {
+            return bad("KEFU_NODE_ID", "must be 1 to 64 characters");
+        }
+        for (name, secret) in [
+            ("KEFU_PLATFORM_KEY", &self.platform_key),
+            ("KEFU_JWT_SECRET", &self.jwt_secret),
+        ] {
+            if let Some(secret) = secret
+                && secret.len() < MIN_SECRET_LEN
+            {
+                return bad(name, "must be at least 16 characters");
+            }
+        }
+        if self.workers == Some(0) {
+            return bad("KEFU_WORKERS", "must be at least 1");
+        }
+        if self.max_body_bytes < 1024 {
+            return bad("KEFU_MAX_BODY_BYTES", "must be at least 1024");
+        }
+        if self.token_ttl_secs < 60 {
+            return bad("KEFU_TOKEN_TTL_SECS", "must be at least 60");
+        }
+        if self.tenant_pools.max_open == 0 {
+            return bad("KEFU_TENANT_POOLS__MAX_OPEN", "must be at least 1");
+        }
+        if self.tenant_pools.connections == 0 {
+            return bad("KEFU_TENANT_POOLS__CONNECTIONS", "must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// Where the embedded databases live.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+}
+
+/// Names each bad setting the way the user wrote it: `KEFU_LISTEN` for a variable,
+/// `listen` (with the file) for a TOML key.
+fn describe(err: figment::Error) -> SettingsError {
+    let lines: Vec<String> = err
+        .into_iter()
+        .map(|e| {
+            let from_env = e
+                .metadata
+                .as_ref()
+                .is_some_and(|m| m.name.contains("environment"));
+            let name = if from_env {
+                format!("KEFU_{}", e.path.join("__").to_uppercase())
+            } else {
+                e.path.join(".")
+            };
+            let source = e
+                .metadata
+                .as_ref()
+                .and_then(|m| m.source.as_ref())
+                .map(|s| format!(" (in {s})"))
+                .unwrap_or_default();
+            format!("setting {name}{source}: {}", e.kind)
+        })
+        .collect();
+    SettingsError::Invalid(lines.join("; "))
+}
+
+fn default_node_id() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "kefu".to_owned());
+    let suffix: u16 = rand::random();
+    format!("{host}-{suffix:04x}")
+}

@@ -1,0 +1,114 @@
+//! Building and running the server: [`Application::build`] opens storage, migrates, loads
+//! secrets and binds the listener (port 0 picks a free one, which tests rely on).
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::dev::{Server, ServerHandle};
+use actix_web::middleware::from_fn;
+use actix_web::{App, HttpServer, web};
+
+use crate::accounts::TokenKeys;
+use crate::http::{self, BodyLimit};
+use crate::settings::Settings;
+use crate::storage::{Storage, secrets};
+use crate::tenancy::Tenants;
+
+/// How long a graceful shutdown waits for requests in flight before closing them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// What every handler shares.
+pub struct AppState {
+    pub settings: Arc<Settings>,
+    /// Tenant directory and, through it, storage.
+    pub tenants: Tenants,
+    /// Issues and checks agent tokens.
+    pub tokens: TokenKeys,
+    /// The operator's bearer key.
+    pub platform_key: String,
+}
+
+pub struct Application {
+    port: u16,
+    server: Server,
+    state: web::Data<AppState>,
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let storage = Storage::open(&settings).await?;
+        let tenants = prepare_tenants(storage.clone()).await?;
+        let secrets = secrets::load_or_generate(storage.platform(), &settings).await?;
+        if secrets.platform_key_generated {
+            // Printed once, on the console rather than in the logs, and never again.
+            println!(
+                "Generated the platform key (kept in the platform database; shown only now):\n  {}",
+                secrets.platform_key
+            );
+        }
+        let state = web::Data::new(AppState {
+            tokens: TokenKeys::new(&secrets.jwt_secret, settings.token_ttl_secs),
+            platform_key: secrets.platform_key,
+            tenants,
+            settings: Arc::new(settings),
+        });
+
+        let listener = TcpListener::bind(state.settings.listen)?;
+        let port = listener.local_addr()?.port();
+        let limit = state.settings.max_body_bytes;
+        let app_state = state.clone();
+        let mut server = HttpServer::new(move || {
+            App::new()
+                .app_data(app_state.clone())
+                .app_data(web::PayloadConfig::new(limit))
+                .app_data(BodyLimit(limit))
+                .app_data(web::PathConfig::default().error_handler(http::path_error))
+                .wrap(from_fn(http::middleware::request_context))
+                .configure(http::routes)
+                .default_service(web::to(http::not_found))
+        })
+        .shutdown_timeout(SHUTDOWN_GRACE.as_secs());
+        if let Some(workers) = state.settings.workers {
+            server = server.workers(workers);
+        }
+        let server = server.listen(listener)?.run();
+        tracing::info!(port, node = %state.settings.node_id, "kefu listening");
+        Ok(Self {
+            port,
+            server,
+            state,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn state(&self) -> web::Data<AppState> {
+        self.state.clone()
+    }
+
+    /// Stops the server from outside (tests; signals are handled by actix-web itself).
+    pub fn handle(&self) -> ServerHandle {
+        self.server.handle()
+    }
+
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        self.server.await
+    }
+}
+
+/// Removes onboardings a dead process left unfinished and brings every tenant database's
+/// schema up to date. Run at start-up and by `kefu migrate`.
+pub async fn prepare_tenants(storage: Storage) -> anyhow::Result<Tenants> {
+    let tenants = Tenants::new(storage.clone());
+    let swept = tenants.sweep_unfinished().await?;
+    if swept > 0 {
+        tracing::warn!(swept, "removed unfinished onboardings");
+    }
+    for t in tenants.all_records().await? {
+        storage.migrate_tenant(&t.db_name).await?;
+    }
+    Ok(tenants)
+}

@@ -1,0 +1,61 @@
+use reqwest::{Method, StatusCode};
+
+use crate::helpers::{Backend, assert_error, spawn_app};
+use crate::on_both;
+
+async fn health_and_readiness_answer_on_any_host(backend: Backend) {
+    let app = spawn_app(backend).await;
+    for path in ["/healthz", "/readyz"] {
+        let res = app
+            .call(Method::GET, Some("anything.example"), path, None, None)
+            .await;
+        assert_eq!(res.status(), StatusCode::OK, "{path}");
+    }
+}
+
+async fn request_ids_are_echoed_or_made(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let res = app
+        .client
+        .get(app.url("/healthz"))
+        .header("X-Request-Id", "my-id-123")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.headers()["x-request-id"], "my-id-123");
+    let res = app.client.get(app.url("/healthz")).send().await.unwrap();
+    let made = res.headers()["x-request-id"].to_str().unwrap().to_owned();
+    assert!(made.len() >= 16);
+    // An id that cannot be a header value in logs is replaced, not echoed.
+    let res = app
+        .client
+        .get(app.url("/healthz"))
+        .header("X-Request-Id", "x".repeat(500))
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(res.headers()["x-request-id"], "x".repeat(500).as_str());
+}
+
+async fn unknown_routes_and_methods_get_the_json_error_shape(backend: Backend) {
+    let app = spawn_app(backend).await;
+    assert_error(
+        app.call(Method::GET, None, "/nope", None, None).await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    )
+    .await;
+    assert_error(
+        app.call(Method::PUT, None, "/platform/v1/tenants", None, None)
+            .await,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+    )
+    .await;
+}
+
+on_both!(
+    health_and_readiness_answer_on_any_host,
+    request_ids_are_echoed_or_made,
+    unknown_routes_and_methods_get_the_json_error_shape,
+);

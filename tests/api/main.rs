@@ -1,0 +1,12 @@
+//! Integration tests over real HTTP, against apps spawned on port 0 with their own data: SQLite
+//! files in a temporary directory, or fresh databases on the real PostgreSQL server.
+
+mod helpers;
+
+mod agents;
+mod bad_input;
+mod cli;
+mod health;
+mod isolation;
+mod onboarding;
+mod restart;
