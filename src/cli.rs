@@ -93,7 +93,7 @@ impl Cli {
                 if demo {
                     demo::provision(&app.state(), app.port()).await?;
                 }
-                app.run_until_stopped().await?;
+                app.run_until_signalled().await?;
                 tracing::info!("kefu stopped");
             }
             Command::Migrate => {

@@ -12,12 +12,19 @@
 //! - [`tenancy`]: tenant names, host → tenant resolution with its cache, all-or-nothing
 //!   onboarding, and the extractor that hands a handler its tenant's database.
 //! - [`accounts`]: agents, roles, teams, password hashing and signed agent tokens.
+//! - [`conversations`]: conversations and their message log (`seq` allocation, system
+//!   messages for state changes).
+//! - [`protocol`]: the WebSocket frames, parsed and encoded.
+//! - [`actors`]: the real-time core: conversation, agent, visitor and queue actors.
 //! - [`http`]: routes, the JSON error shape, request ids, the platform and tenant APIs.
 
 pub mod accounts;
+pub mod actors;
 pub mod cli;
+pub mod conversations;
 pub mod demo;
 pub mod http;
+pub mod protocol;
 pub mod settings;
 pub mod startup;
 pub mod storage;

@@ -38,6 +38,50 @@ pub struct Settings {
     /// Tenant database pools: how many may be open at once, and after how long unused a
     /// pool is closed, so that a thousand quiet tenants do not hold a thousand pools.
     pub tenant_pools: TenantPoolSettings,
+    /// Real-time limits and timeouts (WebSocket, long-poll, queue).
+    pub realtime: RealtimeSettings,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RealtimeSettings {
+    /// Longest text message, in characters.
+    pub max_text_chars: usize,
+    /// Largest WebSocket frame accepted from a client, in bytes.
+    pub max_frame_bytes: usize,
+    /// Frames queued for one connection before it is judged too slow and closed (4001).
+    pub outbound_buffer: usize,
+    /// Seconds between server pings.
+    pub heartbeat_secs: u64,
+    /// Seconds without any frame or pong from the client before the connection is closed.
+    pub idle_timeout_secs: u64,
+    /// Frames per second one connection may send, sustained...
+    pub frames_per_sec: u32,
+    /// ...and in a burst.
+    pub frame_burst: u32,
+    /// Frames refused for flooding before the connection is closed (1008).
+    pub flood_limit: u32,
+    /// Seconds an agent who lost every connection keeps its conversations.
+    pub agent_grace_secs: u64,
+    /// Seconds a queued visitor may be gone (no socket, no poll) before counting as abandoned.
+    pub queue_abandon_secs: u64,
+}
+
+impl Default for RealtimeSettings {
+    fn default() -> Self {
+        Self {
+            max_text_chars: 4000,
+            max_frame_bytes: 64 * 1024,
+            outbound_buffer: 512,
+            heartbeat_secs: 10,
+            idle_timeout_secs: 30,
+            frames_per_sec: 50,
+            frame_burst: 100,
+            flood_limit: 200,
+            agent_grace_secs: 60,
+            queue_abandon_secs: 120,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -96,6 +140,7 @@ impl Default for Settings {
                 idle_secs: 300,
                 connections: 8,
             },
+            realtime: RealtimeSettings::default(),
         }
     }
 }
@@ -179,6 +224,29 @@ impl Settings {
         }
         if self.tenant_pools.connections == 0 {
             return bad("KEFU_TENANT_POOLS__CONNECTIONS", "must be at least 1");
+        }
+        let rt = &self.realtime;
+        for (name, value) in [
+            ("KEFU_REALTIME__MAX_TEXT_CHARS", rt.max_text_chars as u64),
+            ("KEFU_REALTIME__MAX_FRAME_BYTES", rt.max_frame_bytes as u64),
+            ("KEFU_REALTIME__OUTBOUND_BUFFER", rt.outbound_buffer as u64),
+            ("KEFU_REALTIME__HEARTBEAT_SECS", rt.heartbeat_secs),
+            (
+                "KEFU_REALTIME__FRAMES_PER_SEC",
+                u64::from(rt.frames_per_sec),
+            ),
+            ("KEFU_REALTIME__FRAME_BURST", u64::from(rt.frame_burst)),
+            ("KEFU_REALTIME__FLOOD_LIMIT", u64::from(rt.flood_limit)),
+        ] {
+            if value == 0 {
+                return bad(name, "must be at least 1");
+            }
+        }
+        if rt.idle_timeout_secs <= rt.heartbeat_secs {
+            return bad(
+                "KEFU_REALTIME__IDLE_TIMEOUT_SECS",
+                "must be longer than KEFU_REALTIME__HEARTBEAT_SECS",
+            );
         }
         Ok(())
     }

@@ -10,6 +10,7 @@ use actix_web::middleware::from_fn;
 use actix_web::{App, HttpServer, web};
 
 use crate::accounts::TokenKeys;
+use crate::actors::Realtime;
 use crate::http::{self, BodyLimit};
 use crate::settings::Settings;
 use crate::storage::{Storage, secrets};
@@ -27,6 +28,8 @@ pub struct AppState {
     pub tokens: TokenKeys,
     /// The operator's bearer key.
     pub platform_key: String,
+    /// The real-time core: actors, writers, connections.
+    pub realtime: Realtime,
 }
 
 pub struct Application {
@@ -47,10 +50,20 @@ impl Application {
                 secrets.platform_key
             );
         }
+        let threads = settings.workers.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get)
+        });
+        let realtime = Realtime::start(
+            settings.node_id.clone(),
+            settings.realtime.clone(),
+            tenants.clone(),
+            threads,
+        );
         let state = web::Data::new(AppState {
             tokens: TokenKeys::new(&secrets.jwt_secret, settings.token_ttl_secs),
             platform_key: secrets.platform_key,
             tenants,
+            realtime,
             settings: Arc::new(settings),
         });
 
@@ -68,6 +81,8 @@ impl Application {
                 .configure(http::routes)
                 .default_service(web::to(http::not_found))
         })
+        // Signals are ours to handle: WebSockets must be told 1001 before the server stops.
+        .disable_signals()
         .shutdown_timeout(SHUTDOWN_GRACE.as_secs());
         if let Some(workers) = state.settings.workers {
             server = server.workers(workers);
@@ -89,14 +104,69 @@ impl Application {
         self.state.clone()
     }
 
-    /// Stops the server from outside (tests; signals are handled by actix-web itself).
-    pub fn handle(&self) -> ServerHandle {
-        self.server.handle()
+    /// Stops this server from outside (tests, signals).
+    pub fn stopper(&self) -> Stopper {
+        Stopper {
+            realtime: self.state.realtime.clone(),
+            server: self.server.handle(),
+        }
     }
 
+    /// Runs until stopped by a [`Stopper`] (tests) or nothing (callers that handle signals).
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         self.server.await
     }
+
+    /// Runs until SIGTERM or Ctrl-C, then stops gracefully: WebSockets are closed with 1001,
+    /// requests in flight finish, everything accepted is written, and the call returns.
+    pub async fn run_until_signalled(self) -> std::io::Result<()> {
+        let stopper = self.stopper();
+        actix_web::rt::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("signal received; stopping");
+            stopper.stop().await;
+        });
+        self.server.await
+    }
+}
+
+/// Stops a running [`Application`].
+#[derive(Clone)]
+pub struct Stopper {
+    realtime: crate::actors::Realtime,
+    server: ServerHandle,
+}
+
+impl Stopper {
+    pub async fn stop(&self) {
+        // Connections first (their close frames go out while the server still runs), then the
+        // listener and requests in flight, then the writers and actors.
+        self.realtime.shutdown_token().cancel();
+        self.server.stop(true).await;
+        self.realtime.shutdown().await;
+    }
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for SIGTERM; Ctrl-C only");
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
 }
 
 /// Removes onboardings a dead process left unfinished and brings every tenant database's

@@ -3,6 +3,8 @@
 //! - [`PlatformMigrator`]: the one platform database (tenants, their domains, generated secrets).
 //! - [`TenantMigrator`]: every tenant's own database (agents, teams, and later conversations).
 //!
+//! - tenant migration 2 adds visitors, conversations, messages and read positions.
+//!
 //! Both are versioned by sea-orm-migration's `seaql_migrations` table inside their own database,
 //! so running them again is a no-op and a tenant created by an older release is brought up to
 //! date at the next start.
@@ -26,6 +28,9 @@ pub struct TenantMigrator;
 #[async_trait::async_trait]
 impl MigratorTrait for TenantMigrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(tenant::m20261126_000001_accounts::Migration)]
+        vec![
+            Box::new(tenant::m20261126_000001_accounts::Migration),
+            Box::new(tenant::m20261126_000002_conversations::Migration),
+        ]
     }
 }

@@ -237,6 +237,17 @@ pub async fn find(
     Ok(agent::Entity::find_by_id(id).one(db).await?)
 }
 
+/// The ids of the teams an agent is in.
+pub async fn team_ids(db: &impl ConnectionTrait, agent_id: i64) -> Result<Vec<i64>, AccountsError> {
+    Ok(agent_team::Entity::find()
+        .filter(agent_team::Column::AgentId.eq(agent_id))
+        .all(db)
+        .await?
+        .into_iter()
+        .map(|m| m.team_id)
+        .collect())
+}
+
 /// Parses the role stored in a row; rows are only ever written from [`Role::as_str`].
 pub fn stored_role(model: &agent::Model) -> Role {
     Role::parse(&model.role).unwrap_or(Role::Agent)

@@ -11,7 +11,7 @@ use std::fmt;
 
 pub use agents::{AgentPatch, AgentView, NewAgent};
 pub use teams::TeamView;
-pub use tokens::{AgentClaims, TokenKeys};
+pub use tokens::{Claims, TokenKeys, TokenKind};
 
 /// Slug of the team every tenant has and every new agent joins unless told otherwise.
 pub const GENERAL_TEAM: &str = "general";

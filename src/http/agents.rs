@@ -7,6 +7,8 @@ use serde::Deserialize;
 use super::auth::AuthAgent;
 use super::{ApiError, JsonBody};
 use crate::accounts::{self, AgentPatch, NewAgent, Role, agents, teams};
+use crate::actors::queue;
+use crate::startup::AppState;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -69,8 +71,17 @@ pub async fn get(agent: AuthAgent, id: web::Path<i64>) -> Result<HttpResponse, A
     Ok(HttpResponse::Ok().json(agents::get(&agent.tenant.db, *id).await?))
 }
 
+/// Capacity, teams or existence changed: a running queue re-reads the agent (and may assign
+/// at once when capacity grew).
+fn notify_queue(state: &AppState, agent: &AuthAgent, agent_id: i64) {
+    if let Some(q) = state.realtime.queue_if_running(agent.tenant.record.id) {
+        q.do_send(queue::AgentChanged { agent_id });
+    }
+}
+
 /// `PATCH /api/v1/agents/{id}`
 pub async fn update(
+    state: web::Data<AppState>,
     agent: AuthAgent,
     id: web::Path<i64>,
     JsonBody(body): JsonBody<PatchAgentBody>,
@@ -85,14 +96,20 @@ pub async fn update(
         teams: body.teams,
     };
     let updated = agents::update(&agent.tenant.db, *id, patch).await?;
+    notify_queue(&state, &agent, updated.id);
     tracing::info!(agent_id = updated.id, by = agent.id, "agent updated");
     Ok(HttpResponse::Ok().json(updated))
 }
 
 /// `DELETE /api/v1/agents/{id}`
-pub async fn delete(agent: AuthAgent, id: web::Path<i64>) -> Result<HttpResponse, ApiError> {
+pub async fn delete(
+    state: web::Data<AppState>,
+    agent: AuthAgent,
+    id: web::Path<i64>,
+) -> Result<HttpResponse, ApiError> {
     agent.require(Role::Admin)?;
     agents::delete(&agent.tenant.db, *id).await?;
+    notify_queue(&state, &agent, *id);
     tracing::info!(agent_id = *id, by = agent.id, "agent deleted");
     Ok(HttpResponse::NoContent().finish())
 }

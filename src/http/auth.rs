@@ -9,7 +9,7 @@ use serde_json::json;
 use subtle::ConstantTimeEq;
 
 use super::{ApiError, JsonBody};
-use crate::accounts::{self, Role, agents};
+use crate::accounts::{self, Role, TokenKind, agents};
 use crate::startup::AppState;
 use crate::tenancy::Tenant;
 
@@ -76,7 +76,9 @@ impl AuthAgent {
         if claims.tid != tenant.record.id {
             return Err(ApiError::InvalidToken);
         }
-        let id: i64 = claims.sub.parse().map_err(|_| ApiError::InvalidToken)?;
+        let id = claims
+            .subject(TokenKind::Agent)
+            .ok_or(ApiError::InvalidToken)?;
         let agent = agents::find(&tenant.db, id)
             .await?
             .ok_or(ApiError::InvalidToken)?;
@@ -118,6 +120,48 @@ impl FromRequest for AuthAgent {
         Box::pin(async move {
             let state = state(&req)?;
             AuthAgent::from_token(&state, &req, bearer(&req)).await
+        })
+    }
+}
+
+/// A visitor of the request's tenant, identified by its visitor token.
+pub struct AuthVisitor {
+    pub tenant: Tenant,
+    pub id: i64,
+}
+
+impl AuthVisitor {
+    pub async fn from_token(
+        state: &AppState,
+        req: &HttpRequest,
+        token: Option<String>,
+    ) -> Result<Self, ApiError> {
+        let tenant = Tenant::of(state, req).await?;
+        let token = token.ok_or(ApiError::Unauthenticated)?;
+        let claims = state.tokens.verify(&token).ok_or(ApiError::InvalidToken)?;
+        if claims.tid != tenant.record.id {
+            return Err(ApiError::InvalidToken);
+        }
+        let id = claims
+            .subject(TokenKind::Visitor)
+            .ok_or(ApiError::InvalidToken)?;
+        crate::conversations::store::find_visitor(&tenant.db, id)
+            .await
+            .map_err(|e| ApiError::Tenancy(e.into()))?
+            .ok_or(ApiError::InvalidToken)?;
+        Ok(Self { tenant, id })
+    }
+}
+
+impl FromRequest for AuthVisitor {
+    type Error = ApiError;
+    type Future = LocalBoxFuture<'static, Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let req = req.clone();
+        Box::pin(async move {
+            let state = state(&req)?;
+            AuthVisitor::from_token(&state, &req, bearer(&req)).await
         })
     }
 }

@@ -2,11 +2,14 @@
 
 mod agents;
 pub mod auth;
+mod conversations;
 mod error;
 mod health;
 mod json;
 pub mod middleware;
 mod platform;
+mod visitor;
+pub mod ws;
 
 use actix_web::{HttpRequest, web};
 
@@ -63,8 +66,33 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                     web::resource("/teams")
                         .get(agents::list_teams)
                         .post(agents::create_team),
+                )
+                .route("/conversations", web::get().to(conversations::list))
+                .route("/conversations/{id}", web::get().to(conversations::get))
+                .route(
+                    "/conversations/{id}/messages",
+                    web::get().to(conversations::messages),
+                )
+                .route("/visitor/sessions", web::post().to(visitor::create_session))
+                .route(
+                    "/visitor/conversations",
+                    web::post().to(visitor::open_conversation),
+                )
+                .route(
+                    "/visitor/conversations/{id}/messages",
+                    web::post().to(visitor::send_message),
+                )
+                .route(
+                    "/visitor/conversations/{id}/events",
+                    web::get().to(visitor::events),
+                )
+                .route(
+                    "/visitor/conversations/{id}/close",
+                    web::post().to(visitor::close),
                 ),
-        );
+        )
+        .route("/ws/agent", web::get().to(ws::agent_ws))
+        .route("/ws/visitor", web::get().to(ws::visitor_ws));
 }
 
 /// Path parameters that do not parse (`/agents/abc`) name nothing: 404.

@@ -12,6 +12,7 @@
 
 mod pools;
 pub mod secrets;
+pub mod writer;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

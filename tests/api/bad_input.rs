@@ -249,10 +249,11 @@ async fn bad_tokens_are_refused(backend: Backend) {
     // Expired: signed with the right secret, but long past its expiry.
     let expired = {
         use jsonwebtoken::{EncodingKey, Header, encode};
-        let claims = kefu::accounts::AgentClaims {
+        let claims = kefu::accounts::Claims {
             sub: t.admin_id.to_string(),
             tid: t.id,
-            role: kefu::accounts::Role::Admin,
+            kind: kefu::accounts::TokenKind::Agent,
+            role: Some(kefu::accounts::Role::Admin),
             iat: 1,
             exp: 2,
         };

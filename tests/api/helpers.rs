@@ -1,6 +1,5 @@
 use std::sync::Arc;
 
-use actix_web::dev::ServerHandle;
 use kefu::settings::{LogFormat, Settings};
 use kefu::startup::Application;
 use reqwest::{Method, Response, StatusCode};
@@ -50,7 +49,7 @@ pub struct TestApp {
     /// Kept alive for the whole test (and across restarts); deleted at drop.
     pub data_dir: Arc<tempfile::TempDir>,
     pub state: actix_web::web::Data<kefu::startup::AppState>,
-    handle: ServerHandle,
+    pub stopper: kefu::startup::Stopper,
 }
 
 /// A tenant made through the platform API, with its admin signed in.
@@ -89,7 +88,7 @@ async fn start(backend: Backend, settings: Settings, data_dir: Arc<tempfile::Tem
         .await
         .expect("the app builds");
     let port = app.port();
-    let handle = app.handle();
+    let stopper = app.stopper();
     let state = app.state();
     actix_web::rt::spawn(app.run_until_stopped());
     TestApp {
@@ -100,7 +99,7 @@ async fn start(backend: Backend, settings: Settings, data_dir: Arc<tempfile::Tem
         settings,
         data_dir,
         state,
-        handle,
+        stopper,
     }
 }
 
@@ -111,7 +110,7 @@ impl TestApp {
 
     /// Stops the server and starts a new one on the same data.
     pub async fn restart(self) -> TestApp {
-        self.handle.stop(true).await;
+        self.stopper.stop().await;
         let mut settings = self.settings.clone();
         settings.listen = "127.0.0.1:0".parse().unwrap();
         start(self.backend, settings, self.data_dir.clone()).await

@@ -1,0 +1,332 @@
+//! The conversation actor: the single path, on this node, by which a conversation's log grows.
+//!
+//! It handles one write at a time ([`AtomicResponse`]), so what it acknowledges and delivers
+//! leaves in `seq` order; the group-commit writer still batches across conversations.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use bytestring::ByteString;
+use serde_json::Value;
+
+use super::Realtime;
+use super::conn::ConnHandle;
+use crate::conversations::log::{Change, WriteError, Written};
+use crate::conversations::{MessageView, Participant};
+use crate::protocol::{AgentRef, ServerFrame, error_frame};
+use crate::storage::writer::WriteOp;
+use crate::tenancy::TenantRecord;
+
+/// A conversation actor with no work for this long stops; the next write starts a new one.
+const IDLE_STOP: Duration = Duration::from_secs(300);
+
+pub struct ConversationActor {
+    rt: Realtime,
+    tenant: Arc<TenantRecord>,
+    id: i64,
+    /// Visitor and agent as of the last write seen here (for relaying typing).
+    participants: Option<(i64, Option<i64>)>,
+    idle: Option<SpawnHandle>,
+}
+
+impl ConversationActor {
+    pub fn new(rt: Realtime, tenant: Arc<TenantRecord>, id: i64) -> Self {
+        Self {
+            rt,
+            tenant,
+            id,
+            participants: None,
+            idle: None,
+        }
+    }
+
+    fn touch(&mut self, ctx: &mut Context<Self>) {
+        if let Some(h) = self.idle.take() {
+            ctx.cancel_future(h);
+        }
+        self.idle = Some(ctx.run_later(IDLE_STOP, |_, ctx| ctx.stop()));
+    }
+
+    /// Sends the frames of a stored write to everyone concerned.
+    fn deliver(&mut self, written: &Written, except: Option<u64>) {
+        let Written::Stored {
+            message,
+            conversation: conv,
+            before,
+        } = written
+        else {
+            return;
+        };
+        self.participants = Some((conv.visitor_id, conv.agent_id));
+        let view = MessageView::from(message.clone());
+        let mut frames = vec![ServerFrame::Message(&view).encode()];
+        frames.extend(event_frame(&view));
+        let tenant = self.tenant.id;
+        for f in &frames {
+            self.rt
+                .to_visitor(tenant, conv.visitor_id, f.clone(), except);
+            if let Some(a) = conv.agent_id {
+                self.rt.to_agent(tenant, a, f.clone(), except);
+            }
+            // The agent who just lost the conversation (transfer, requeue, close) is told too.
+            if let Some(old) = before.agent_id
+                && Some(old) != conv.agent_id
+            {
+                self.rt.to_agent(tenant, old, f.clone(), except);
+            }
+        }
+    }
+}
+
+/// The dedicated frame (`assigned`, `transferred`, `closed`) that goes with a system message,
+/// built from the message alone so that long-poll replays can show it too.
+pub fn event_frame(view: &MessageView) -> Option<ByteString> {
+    if view.sender.kind != "system" {
+        return None;
+    }
+    let content: Value = serde_json::from_str(view.content.get()).ok()?;
+    let conversation_id = view.conversation_id;
+    let int = |k: &str| content[k].as_i64();
+    let frame = match content["event"].as_str()? {
+        "assigned" => {
+            let agent: AgentRef = serde_json::from_value(content["agent"].clone()).ok()?;
+            ServerFrame::Assigned {
+                conversation_id,
+                agent: &agent,
+            }
+            .encode()
+        }
+        "transferred" => ServerFrame::Transferred {
+            conversation_id,
+            from_agent_id: int("from_agent_id"),
+            to_agent_id: int("to_agent_id"),
+            to_team: None,
+        }
+        .encode(),
+        "requeued" => ServerFrame::Transferred {
+            conversation_id,
+            from_agent_id: int("from_agent_id"),
+            to_agent_id: None,
+            to_team: Some(content["to_team"].as_str().unwrap_or_default()),
+        }
+        .encode(),
+        "closed" => ServerFrame::Closed {
+            conversation_id,
+            by: content["by"].as_str().unwrap_or("system"),
+        }
+        .encode(),
+        _ => return None,
+    };
+    Some(frame)
+}
+
+impl Actor for ConversationActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        // Bursts of sends wait here rather than fail; the writer applies backpressure.
+        ctx.set_mailbox_capacity(1024);
+        self.touch(ctx);
+    }
+
+    fn stopped(&mut self, ctx: &mut Context<Self>) {
+        self.rt
+            .forget_conversation((self.tenant.id, self.id), &ctx.address());
+    }
+}
+
+/// Where a write came from, to acknowledge it there.
+#[derive(Clone)]
+pub struct Origin {
+    pub conn: ConnHandle,
+    pub reference: Option<Value>,
+}
+
+/// Write to the log, then acknowledge and deliver.
+#[derive(Message)]
+#[rtype(result = "Result<Written, WriteError>")]
+pub struct Submit {
+    pub op: WriteOp,
+    pub origin: Option<Origin>,
+}
+
+impl Handler<Submit> for ConversationActor {
+    type Result = AtomicResponse<Self, Result<Written, WriteError>>;
+
+    fn handle(&mut self, msg: Submit, ctx: &mut Context<Self>) -> Self::Result {
+        self.touch(ctx);
+        let rt = self.rt.clone();
+        let tenant = self.tenant.clone();
+        let op = msg.op.clone();
+        let write = async move {
+            let db = rt.db(&tenant).await.map_err(|_| WriteError::Unavailable)?;
+            rt.writers().write(tenant.id, &db, op).await
+        };
+        AtomicResponse::new(Box::pin(write.into_actor(self).map(
+            move |result, act, _| {
+                // A message is not echoed to the connection it came from (that one gets the ack);
+                // a change is, as its confirmation.
+                let except = match &msg.op {
+                    WriteOp::Message(_) | WriteOp::Read { .. } => {
+                        msg.origin.as_ref().map(|o| o.conn.id)
+                    }
+                    WriteOp::Change(_) => None,
+                };
+                match (&result, &msg.origin, &msg.op) {
+                    (Ok(written), origin, op) => {
+                        if let (Some(origin), WriteOp::Message(m)) = (origin, op) {
+                            let stored = match written {
+                                Written::Stored { message, .. } => Some((message, false)),
+                                Written::Duplicate { message } => Some((message, true)),
+                                Written::ReadStored => None,
+                            };
+                            if let Some((message, duplicate)) = stored {
+                                origin.conn.push(
+                                    ServerFrame::Ack {
+                                        reference: origin.reference.as_ref(),
+                                        conversation_id: m.conversation_id,
+                                        client_msg_id: &message.client_msg_id,
+                                        id: message.id,
+                                        seq: message.seq,
+                                        created_at: message.created_at,
+                                        duplicate,
+                                    }
+                                    .encode(),
+                                );
+                            }
+                        }
+                        act.deliver(written, except);
+                        if let WriteOp::Read {
+                            conversation_id,
+                            reader,
+                            seq,
+                        } = op
+                        {
+                            act.relay_read(*conversation_id, *reader, *seq, except);
+                        }
+                    }
+                    (Err(e), Some(origin), _) => {
+                        let (code, text) = write_error_code(e);
+                        origin
+                            .conn
+                            .push(error_frame(origin.reference.as_ref(), code, &text));
+                    }
+                    (Err(_), None, _) => {}
+                }
+                result
+            },
+        )))
+    }
+}
+
+impl ConversationActor {
+    fn relay_read(
+        &mut self,
+        conversation_id: i64,
+        reader: Participant,
+        seq: i64,
+        except: Option<u64>,
+    ) {
+        let frame = ServerFrame::Read {
+            conversation_id,
+            seq,
+            by: reader.kind(),
+        }
+        .encode();
+        self.relay(frame, reader, except);
+    }
+
+    /// Sends a frame to the other side of the conversation (typing, read).
+    fn relay(&mut self, frame: ByteString, from: Participant, except: Option<u64>) {
+        let Some((visitor, agent)) = self.participants else {
+            return;
+        };
+        let tenant = self.tenant.id;
+        match from {
+            Participant::Visitor(_) => {
+                if let Some(a) = agent {
+                    self.rt.to_agent(tenant, a, frame, except);
+                }
+            }
+            Participant::Agent(_) => self.rt.to_visitor(tenant, visitor, frame, except),
+        }
+    }
+}
+
+/// The error code and text of a refused write, as frames and HTTP show it.
+pub fn write_error_code(e: &WriteError) -> (&'static str, String) {
+    let code = match e {
+        WriteError::NotFound => "conversation_not_found",
+        WriteError::Closed => "conversation_closed",
+        WriteError::NotParticipant => "not_participant",
+        WriteError::Stale => "conflict",
+        WriteError::ClientMsgIdReused => "client_msg_id_reused",
+        WriteError::Storage(_) | WriteError::Unavailable => "dependency_unavailable",
+    };
+    let text = match e {
+        WriteError::Storage(_) | WriteError::Unavailable => {
+            "storage is unavailable; nothing was stored, send again".to_owned()
+        }
+        other => other.to_string(),
+    };
+    (code, text)
+}
+
+/// Relay `typing` from a participant to the other side (not stored).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Typing {
+    pub from: Participant,
+    pub except: Option<u64>,
+}
+
+impl Handler<Typing> for ConversationActor {
+    type Result = ResponseActFuture<Self, ()>;
+
+    fn handle(&mut self, msg: Typing, ctx: &mut Context<Self>) -> Self::Result {
+        self.touch(ctx);
+        let rt = self.rt.clone();
+        let tenant = self.tenant.clone();
+        let id = self.id;
+        let known = self.participants;
+        Box::pin(
+            async move {
+                match known {
+                    Some(p) => Some(p),
+                    None => {
+                        let db = rt.db(&tenant).await.ok()?;
+                        let c = crate::conversations::store::get(&db, id).await.ok()??;
+                        Some((c.visitor_id, c.agent_id))
+                    }
+                }
+            }
+            .into_actor(self)
+            .map(move |participants, act, _| {
+                act.participants = participants;
+                // Only a participant's typing is relayed.
+                let is_participant = match (msg.from, participants) {
+                    (Participant::Visitor(v), Some((pv, _))) => v == pv,
+                    (Participant::Agent(a), Some((_, pa))) => Some(a) == pa,
+                    _ => false,
+                };
+                if is_participant {
+                    let frame = ServerFrame::Typing {
+                        conversation_id: act.id,
+                        from: msg.from.kind(),
+                    }
+                    .encode();
+                    act.relay(frame, msg.from, msg.except);
+                }
+            }),
+        )
+    }
+}
+
+/// Applies a state change decided by the queue (through the same ordered path as messages).
+pub fn change(change: Change) -> Submit {
+    Submit {
+        op: WriteOp::Change(change),
+        origin: None,
+    }
+}

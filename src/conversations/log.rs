@@ -1,0 +1,410 @@
+//! Appending to a conversation's log. Every function here runs inside a transaction of the
+//! group-commit writer, one savepoint per operation, and allocates the next `seq` with a single
+//! `UPDATE … SET last_seq = last_seq + 1 … RETURNING`: the row lock that statement takes is what
+//! serialises concurrent appends to one conversation, on SQLite and PostgreSQL alike.
+
+use chrono::Utc;
+use entity::tenant::{conversation, message, read_position};
+use sea_orm::sea_query::{Expr, ExprTrait};
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter, Set, SqlErr,
+};
+use serde_json::json;
+
+use super::{ConversationStatus, Participant};
+use crate::protocol::AgentRef;
+
+/// A message to append.
+#[derive(Clone, Debug)]
+pub struct NewMessage {
+    pub conversation_id: i64,
+    pub client_msg_id: String,
+    pub sender: Participant,
+    /// The `content` object, already validated, as JSON text.
+    pub content: String,
+}
+
+/// Who closes a conversation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Closer {
+    Visitor(i64),
+    Agent(i64),
+    /// The queue: a visitor who went silent while queued.
+    System,
+}
+
+impl Closer {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Visitor(_) => "visitor",
+            Self::Agent(_) => "agent",
+            Self::System => "system",
+        }
+    }
+}
+
+/// A change of a conversation's state, recorded as a system message in its log.
+#[derive(Clone, Debug)]
+pub enum Change {
+    /// Queued → active with `agent`.
+    Assign {
+        conversation_id: i64,
+        agent: AgentRef,
+    },
+    /// Active with `from` → active with `to`.
+    Transfer {
+        conversation_id: i64,
+        from: i64,
+        to: AgentRef,
+    },
+    /// Active with `from` → queued (for `to_team`, or its own team). `reason` is recorded.
+    Requeue {
+        conversation_id: i64,
+        from: i64,
+        to_team: Option<(i64, String)>,
+        reason: &'static str,
+    },
+    /// Any open state → closed.
+    Close { conversation_id: i64, by: Closer },
+}
+
+/// What one operation of a batch did.
+#[derive(Clone, Debug)]
+pub enum Written {
+    /// Stored: the new message, and the conversation as it is now (`before` as it was).
+    Stored {
+        message: message::Model,
+        conversation: conversation::Model,
+        before: conversation::Model,
+    },
+    /// The `client_msg_id` was stored before; nothing new was stored.
+    Duplicate { message: message::Model },
+    /// A read position was stored.
+    ReadStored,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("no such conversation")]
+    NotFound,
+    #[error("the conversation is closed")]
+    Closed,
+    #[error("this conversation is not yours")]
+    NotParticipant,
+    #[error("the conversation changed meanwhile")]
+    Stale,
+    #[error("this client_msg_id was used by another sender")]
+    ClientMsgIdReused,
+    #[error("storage error: {0}")]
+    Storage(#[from] DbErr),
+    #[error("storage is unavailable")]
+    Unavailable,
+}
+
+/// Appends a participant's message, or recognises a re-send.
+pub async fn append(db: &impl ConnectionTrait, m: &NewMessage) -> Result<Written, WriteError> {
+    if let Some(existing) = find_client_msg(db, m.conversation_id, &m.client_msg_id).await? {
+        return same_sender(existing, m.sender);
+    }
+    let before = load(db, m.conversation_id).await?;
+    let mut allowed = match m.sender {
+        Participant::Visitor(v) => sea_orm::Condition::all()
+            .add(conversation::Column::VisitorId.eq(v))
+            .add(conversation::Column::Status.ne(ConversationStatus::Closed.as_str())),
+        Participant::Agent(a) => sea_orm::Condition::all()
+            .add(conversation::Column::AgentId.eq(a))
+            .add(conversation::Column::Status.eq(ConversationStatus::Active.as_str())),
+    };
+    allowed = allowed.add(conversation::Column::Id.eq(m.conversation_id));
+    let Some(conversation) = bump(db, allowed, |u| u).await? else {
+        return Err(refusal(&before, m.sender));
+    };
+    let inserted = insert(
+        db,
+        &conversation,
+        &m.client_msg_id,
+        m.sender.kind(),
+        Some(m.sender.id()),
+        m.content.clone(),
+    )
+    .await;
+    match inserted {
+        Ok(message) => Ok(Written::Stored {
+            message,
+            conversation,
+            before,
+        }),
+        // Another node stored this client_msg_id between our check and our insert; the
+        // savepoint is rolled back by the caller, and the first copy answers.
+        Err(e) if matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => {
+            Err(WriteError::Stale)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Looks a re-send up again after a race (outside the failed savepoint).
+pub async fn find_resend(db: &impl ConnectionTrait, m: &NewMessage) -> Result<Written, WriteError> {
+    match find_client_msg(db, m.conversation_id, &m.client_msg_id).await? {
+        Some(existing) => same_sender(existing, m.sender),
+        None => Err(WriteError::Stale),
+    }
+}
+
+/// Applies a state change and records it as a system message.
+pub async fn apply(db: &impl ConnectionTrait, change: &Change) -> Result<Written, WriteError> {
+    let now = Utc::now();
+    let (id, content, precondition, update): (
+        i64,
+        serde_json::Value,
+        sea_orm::Condition,
+        Box<dyn Fn(Upd) -> Upd + Send>,
+    ) = match change {
+        Change::Assign {
+            conversation_id,
+            agent,
+        } => (
+            *conversation_id,
+            json!({"kind": "event", "event": "assigned", "agent": agent}),
+            sea_orm::Condition::all()
+                .add(conversation::Column::Status.eq(ConversationStatus::Queued.as_str())),
+            {
+                let agent_id = agent.id;
+                Box::new(move |u: Upd| {
+                    u.col_expr(
+                        conversation::Column::Status,
+                        Expr::val(ConversationStatus::Active.as_str()).into(),
+                    )
+                    .col_expr(conversation::Column::AgentId, Expr::val(agent_id).into())
+                    .col_expr(conversation::Column::AssignedAt, Expr::val(now).into())
+                })
+            },
+        ),
+        Change::Transfer {
+            conversation_id,
+            from,
+            to,
+        } => (
+            *conversation_id,
+            json!({"kind": "event", "event": "transferred", "from_agent_id": from, "to_agent_id": to.id, "agent": to}),
+            sea_orm::Condition::all()
+                .add(conversation::Column::Status.eq(ConversationStatus::Active.as_str()))
+                .add(conversation::Column::AgentId.eq(*from)),
+            {
+                let to_id = to.id;
+                Box::new(move |u: Upd| {
+                    u.col_expr(conversation::Column::AgentId, Expr::val(to_id).into())
+                        .col_expr(conversation::Column::AssignedAt, Expr::val(now).into())
+                })
+            },
+        ),
+        Change::Requeue {
+            conversation_id,
+            from,
+            to_team,
+            reason,
+        } => (
+            *conversation_id,
+            json!({"kind": "event", "event": "requeued", "from_agent_id": from, "reason": reason,
+                       "to_team": to_team.as_ref().map(|t| &t.1)}),
+            sea_orm::Condition::all()
+                .add(conversation::Column::Status.eq(ConversationStatus::Active.as_str()))
+                .add(conversation::Column::AgentId.eq(*from)),
+            {
+                let team = to_team.as_ref().map(|t| t.0);
+                Box::new(move |u: Upd| {
+                    let u = u
+                        .col_expr(
+                            conversation::Column::Status,
+                            Expr::val(ConversationStatus::Queued.as_str()).into(),
+                        )
+                        .col_expr(
+                            conversation::Column::AgentId,
+                            Expr::val(Option::<i64>::None).into(),
+                        );
+                    match team {
+                        Some(t) => u.col_expr(conversation::Column::TeamId, Expr::val(t).into()),
+                        None => u,
+                    }
+                })
+            },
+        ),
+        Change::Close {
+            conversation_id,
+            by,
+        } => {
+            let by = *by;
+            let mut cond = sea_orm::Condition::all()
+                .add(conversation::Column::Status.ne(ConversationStatus::Closed.as_str()));
+            match by {
+                Closer::Visitor(v) => cond = cond.add(conversation::Column::VisitorId.eq(v)),
+                Closer::Agent(a) => cond = cond.add(conversation::Column::AgentId.eq(a)),
+                Closer::System => {}
+            }
+            (
+                *conversation_id,
+                json!({"kind": "event", "event": "closed", "by": by.as_str()}),
+                cond,
+                Box::new(move |u: Upd| {
+                    // Closed while still queued: the visitor gave up waiting.
+                    let abandoned = Expr::col(conversation::Column::Status)
+                        .eq(ConversationStatus::Queued.as_str());
+                    u.col_expr(
+                        conversation::Column::Status,
+                        Expr::val(ConversationStatus::Closed.as_str()).into(),
+                    )
+                    .col_expr(conversation::Column::Abandoned, abandoned)
+                    .col_expr(conversation::Column::ClosedAt, Expr::val(now).into())
+                    .col_expr(
+                        conversation::Column::ClosedBy,
+                        Expr::val(by.as_str()).into(),
+                    )
+                }),
+            )
+        }
+    };
+    let before = load(db, id).await?;
+    let cond = precondition.add(conversation::Column::Id.eq(id));
+    let Some(conversation) = bump(db, cond, update).await? else {
+        return Err(match ConversationStatus::of(&before) {
+            ConversationStatus::Closed => WriteError::Closed,
+            _ if matches!(change, Change::Close { .. }) => WriteError::NotParticipant,
+            _ => WriteError::Stale,
+        });
+    };
+    let message = insert(
+        db,
+        &conversation,
+        &format!("system-{}", conversation.last_seq),
+        "system",
+        None,
+        content.to_string(),
+    )
+    .await?;
+    Ok(Written::Stored {
+        message,
+        conversation,
+        before,
+    })
+}
+
+/// Stores how far a participant has read (never moving backwards).
+pub async fn set_read(
+    db: &impl ConnectionTrait,
+    conversation_id: i64,
+    reader: Participant,
+    seq: i64,
+) -> Result<Written, WriteError> {
+    let conv = load(db, conversation_id).await?;
+    let is_participant = match reader {
+        Participant::Visitor(v) => conv.visitor_id == v,
+        Participant::Agent(a) => conv.agent_id == Some(a),
+    };
+    if !is_participant {
+        return Err(WriteError::NotParticipant);
+    }
+    let seq = seq.clamp(0, conv.last_seq);
+    let key = (conversation_id, reader.kind().to_owned(), reader.id());
+    match read_position::Entity::find_by_id(key).one(db).await? {
+        Some(existing) if existing.seq >= seq => {}
+        Some(existing) => {
+            let mut am: read_position::ActiveModel = existing.into();
+            am.seq = Set(seq);
+            am.updated_at = Set(Utc::now());
+            am.update(db).await?;
+        }
+        None => {
+            read_position::ActiveModel {
+                conversation_id: Set(conversation_id),
+                reader_kind: Set(reader.kind().to_owned()),
+                reader_id: Set(reader.id()),
+                seq: Set(seq),
+                updated_at: Set(Utc::now()),
+            }
+            .insert(db)
+            .await?;
+        }
+    }
+    Ok(Written::ReadStored)
+}
+
+type Upd = sea_orm::UpdateMany<conversation::Entity>;
+
+/// `UPDATE conversations SET last_seq = last_seq + 1, … WHERE cond RETURNING *`.
+async fn bump(
+    db: &impl ConnectionTrait,
+    cond: sea_orm::Condition,
+    update: impl Fn(Upd) -> Upd,
+) -> Result<Option<conversation::Model>, WriteError> {
+    let q = conversation::Entity::update_many()
+        .col_expr(
+            conversation::Column::LastSeq,
+            Expr::col(conversation::Column::LastSeq).add(1),
+        )
+        .filter(cond);
+    Ok(update(q).exec_with_returning(db).await?.into_iter().next())
+}
+
+async fn load(db: &impl ConnectionTrait, id: i64) -> Result<conversation::Model, WriteError> {
+    conversation::Entity::find_by_id(id)
+        .one(db)
+        .await?
+        .ok_or(WriteError::NotFound)
+}
+
+fn refusal(c: &conversation::Model, sender: Participant) -> WriteError {
+    let mine = match sender {
+        Participant::Visitor(v) => c.visitor_id == v,
+        Participant::Agent(a) => c.agent_id == Some(a),
+    };
+    if ConversationStatus::of(c) == ConversationStatus::Closed {
+        WriteError::Closed
+    } else if mine {
+        // An agent's own conversation that is not active cannot happen; treat as changed.
+        WriteError::Stale
+    } else {
+        WriteError::NotParticipant
+    }
+}
+
+async fn find_client_msg(
+    db: &impl ConnectionTrait,
+    conversation_id: i64,
+    client_msg_id: &str,
+) -> Result<Option<message::Model>, DbErr> {
+    message::Entity::find()
+        .filter(message::Column::ConversationId.eq(conversation_id))
+        .filter(message::Column::ClientMsgId.eq(client_msg_id))
+        .one(db)
+        .await
+}
+
+fn same_sender(existing: message::Model, sender: Participant) -> Result<Written, WriteError> {
+    if existing.sender_kind == sender.kind() && existing.sender_id == Some(sender.id()) {
+        Ok(Written::Duplicate { message: existing })
+    } else {
+        Err(WriteError::ClientMsgIdReused)
+    }
+}
+
+async fn insert(
+    db: &impl ConnectionTrait,
+    conversation: &conversation::Model,
+    client_msg_id: &str,
+    sender_kind: &str,
+    sender_id: Option<i64>,
+    content: String,
+) -> Result<message::Model, DbErr> {
+    message::ActiveModel {
+        conversation_id: Set(conversation.id),
+        seq: Set(conversation.last_seq),
+        client_msg_id: Set(client_msg_id.to_owned()),
+        sender_kind: Set(sender_kind.to_owned()),
+        sender_id: Set(sender_id),
+        content: Set(content),
+        created_at: Set(Utc::now()),
+        ..Default::default()
+    }
+    .insert(db)
+    .await
+}

@@ -1,0 +1,168 @@
+//! Reads of conversations and messages, and the writes outside a conversation's log
+//! (visitors, opening a conversation).
+
+use chrono::Utc;
+use entity::tenant::{conversation, message, visitor};
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect, Set, SqlErr,
+};
+
+use super::ConversationStatus;
+
+/// Most messages one history page or one sync round returns.
+pub const MAX_PAGE: u64 = 500;
+
+pub async fn create_visitor(
+    db: &impl ConnectionTrait,
+    name: &str,
+) -> Result<visitor::Model, DbErr> {
+    visitor::ActiveModel {
+        name: Set(name.to_owned()),
+        created_at: Set(Utc::now()),
+        ..Default::default()
+    }
+    .insert(db)
+    .await
+}
+
+pub async fn find_visitor(
+    db: &impl ConnectionTrait,
+    id: i64,
+) -> Result<Option<visitor::Model>, DbErr> {
+    visitor::Entity::find_by_id(id).one(db).await
+}
+
+/// The visitor's conversation that is not closed, if any (there is at most one).
+pub async fn open_conversation_of(
+    db: &impl ConnectionTrait,
+    visitor_id: i64,
+) -> Result<Option<conversation::Model>, DbErr> {
+    conversation::Entity::find()
+        .filter(conversation::Column::VisitorId.eq(visitor_id))
+        .filter(conversation::Column::Status.ne(ConversationStatus::Closed.as_str()))
+        .one(db)
+        .await
+}
+
+/// Opens a queued conversation for a visitor, or returns the open one it already has
+/// (`false` in the second field). A unique partial index makes this hold under races.
+pub async fn open_conversation(
+    db: &impl ConnectionTrait,
+    visitor_id: i64,
+    team_id: i64,
+) -> Result<(conversation::Model, bool), DbErr> {
+    if let Some(open) = open_conversation_of(db, visitor_id).await? {
+        return Ok((open, false));
+    }
+    let now = Utc::now();
+    let inserted = conversation::ActiveModel {
+        visitor_id: Set(visitor_id),
+        team_id: Set(team_id),
+        status: Set(ConversationStatus::Queued.as_str().to_owned()),
+        agent_id: Set(None),
+        last_seq: Set(0),
+        queued_at: Set(now),
+        created_at: Set(now),
+        assigned_at: Set(None),
+        closed_at: Set(None),
+        closed_by: Set(None),
+        abandoned: Set(false),
+        ..Default::default()
+    }
+    .insert(db)
+    .await;
+    match inserted {
+        Ok(c) => Ok((c, true)),
+        Err(e) if matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => {
+            let open = open_conversation_of(db, visitor_id).await?;
+            open.map(|c| (c, false)).ok_or(e)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+pub async fn get(db: &impl ConnectionTrait, id: i64) -> Result<Option<conversation::Model>, DbErr> {
+    conversation::Entity::find_by_id(id).one(db).await
+}
+
+/// Which conversations a listing shows.
+pub struct ListFilter {
+    pub status: Option<ConversationStatus>,
+    /// `Some(agent)`: only that agent's conversations and the queued ones.
+    pub agent_scope: Option<i64>,
+    /// Paging: ids below this one (listing is newest first).
+    pub before_id: Option<i64>,
+    pub limit: u64,
+}
+
+pub async fn list(
+    db: &impl ConnectionTrait,
+    f: ListFilter,
+) -> Result<Vec<conversation::Model>, DbErr> {
+    let mut q = conversation::Entity::find();
+    if let Some(s) = f.status {
+        q = q.filter(conversation::Column::Status.eq(s.as_str()));
+    }
+    if let Some(agent) = f.agent_scope {
+        q = q.filter(
+            sea_orm::Condition::any()
+                .add(conversation::Column::AgentId.eq(agent))
+                .add(conversation::Column::Status.eq(ConversationStatus::Queued.as_str())),
+        );
+    }
+    if let Some(before) = f.before_id {
+        q = q.filter(conversation::Column::Id.lt(before));
+    }
+    q.order_by_desc(conversation::Column::Id)
+        .limit(f.limit.min(MAX_PAGE))
+        .all(db)
+        .await
+}
+
+/// Messages with `seq > after_seq`, ascending, at most `limit`.
+pub async fn messages_after(
+    db: &impl ConnectionTrait,
+    conversation_id: i64,
+    after_seq: i64,
+    limit: u64,
+) -> Result<Vec<message::Model>, DbErr> {
+    message::Entity::find()
+        .filter(message::Column::ConversationId.eq(conversation_id))
+        .filter(message::Column::Seq.gt(after_seq))
+        .order_by_asc(message::Column::Seq)
+        .limit(limit.min(MAX_PAGE))
+        .all(db)
+        .await
+}
+
+/// Queued conversations in queue order (for rebuilding a tenant's queue).
+pub async fn queued(db: &impl ConnectionTrait) -> Result<Vec<conversation::Model>, DbErr> {
+    conversation::Entity::find()
+        .filter(conversation::Column::Status.eq(ConversationStatus::Queued.as_str()))
+        .order_by_asc(conversation::Column::QueuedAt)
+        .order_by_asc(conversation::Column::Id)
+        .all(db)
+        .await
+}
+
+/// Active conversations (for rebuilding agents' loads).
+pub async fn active(db: &impl ConnectionTrait) -> Result<Vec<conversation::Model>, DbErr> {
+    conversation::Entity::find()
+        .filter(conversation::Column::Status.eq(ConversationStatus::Active.as_str()))
+        .all(db)
+        .await
+}
+
+/// An agent's active conversations, for its `hello`.
+pub async fn active_for_agent(
+    db: &impl ConnectionTrait,
+    agent_id: i64,
+) -> Result<Vec<conversation::Model>, DbErr> {
+    conversation::Entity::find()
+        .filter(conversation::Column::AgentId.eq(agent_id))
+        .filter(conversation::Column::Status.eq(ConversationStatus::Active.as_str()))
+        .order_by_asc(conversation::Column::Id)
+        .all(db)
+        .await
+}

@@ -1,0 +1,592 @@
+//! WebSocket endpoints (`/ws/agent`, `/ws/visitor`) and the connection loop.
+//!
+//! One task per connection `select!`s over the socket, the connection's bounded outbound queue,
+//! a heartbeat and the server's shutdown. It never waits on a write to storage: sends go to the
+//! conversation actor, whose ack comes back through the outbound queue.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use actix_ws::{AggregatedMessage, CloseCode, CloseReason, ProtocolError};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use sea_orm::DatabaseConnection;
+use serde::Deserialize;
+use serde_json::Value;
+use tokio::time::Instant;
+
+use super::ApiError;
+use super::auth::{AuthAgent, AuthVisitor, bearer};
+use crate::accounts::Role;
+use crate::actors::Realtime;
+use crate::actors::conn::{Attach, ConnHandle, Detach, Kill};
+use crate::actors::conversation::{Origin, Submit, Typing};
+use crate::actors::{agent, queue};
+use crate::conversations::log::{Closer, NewMessage};
+use crate::conversations::{
+    ConversationStatus, ConversationSummary, MessageView, Participant, store,
+};
+use crate::protocol::{ClientContent, ClientFrame, ServerFrame, error_frame, parse_client_frame};
+use crate::startup::AppState;
+use crate::storage::writer::WriteOp;
+use crate::tenancy::TenantRecord;
+
+/// Longest `client_msg_id`: long enough for a UUID with a prefix, short enough to index.
+pub const MAX_CLIENT_MSG_ID: usize = 64;
+
+/// Close codes of our own (4000-4999 is the application range).
+const CLOSE_IDLE: u16 = 4000;
+const CLOSE_TOO_SLOW: u16 = 4001;
+
+#[derive(Deserialize)]
+pub struct TokenQuery {
+    token: Option<String>,
+}
+
+/// Who is at the other end of a connection.
+#[derive(Clone, Copy, Debug)]
+pub enum Who {
+    Agent { id: i64, role: Role },
+    Visitor { id: i64 },
+}
+
+impl Who {
+    fn participant(self) -> Participant {
+        match self {
+            Who::Agent { id, .. } => Participant::Agent(id),
+            Who::Visitor { id } => Participant::Visitor(id),
+        }
+    }
+}
+
+/// `GET /ws/agent?token=…`
+pub async fn agent_ws(
+    req: HttpRequest,
+    body: web::Payload,
+    state: web::Data<AppState>,
+    super::Query(q): super::Query<TokenQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let agent = AuthAgent::from_token(&state, &req, bearer(&req).or(q.token)).await?;
+    let who = Who::Agent {
+        id: agent.id,
+        role: agent.role,
+    };
+    upgrade(
+        &req,
+        body,
+        &state,
+        agent.tenant.record,
+        agent.tenant.db,
+        who,
+    )
+}
+
+/// `GET /ws/visitor?token=…`
+pub async fn visitor_ws(
+    req: HttpRequest,
+    body: web::Payload,
+    state: web::Data<AppState>,
+    super::Query(q): super::Query<TokenQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let visitor = AuthVisitor::from_token(&state, &req, bearer(&req).or(q.token)).await?;
+    let who = Who::Visitor { id: visitor.id };
+    upgrade(
+        &req,
+        body,
+        &state,
+        visitor.tenant.record,
+        visitor.tenant.db,
+        who,
+    )
+}
+
+fn upgrade(
+    req: &HttpRequest,
+    body: web::Payload,
+    state: &AppState,
+    tenant: Arc<TenantRecord>,
+    db: DatabaseConnection,
+    who: Who,
+) -> Result<HttpResponse, ApiError> {
+    let (response, session, stream) = actix_ws::handle(req, body)
+        .map_err(|e| ApiError::BadRequest(format!("WebSocket upgrade refused: {e}")))?;
+    let rt = state.realtime.clone();
+    let span = tracing::Span::current();
+    actix_web::rt::spawn(tracing::Instrument::instrument(
+        async move {
+            let (conn, out, kill) = Connection::new(rt, tenant, db, who);
+            conn.run(session, stream, out, kill).await;
+        },
+        span,
+    ));
+    Ok(response)
+}
+
+type Outbound = tokio::sync::mpsc::Receiver<bytestring::ByteString>;
+type KillSwitch = tokio::sync::mpsc::Receiver<Kill>;
+
+struct Connection {
+    rt: Realtime,
+    tenant: Arc<TenantRecord>,
+    db: DatabaseConnection,
+    who: Who,
+    conn: ConnHandle,
+    limiter: DefaultDirectRateLimiter,
+    /// Frames refused for flooding so far; past the limit the connection is closed.
+    refused: u32,
+}
+
+impl Connection {
+    fn new(
+        rt: Realtime,
+        tenant: Arc<TenantRecord>,
+        db: DatabaseConnection,
+        who: Who,
+    ) -> (Self, Outbound, KillSwitch) {
+        let s = rt.settings();
+        let (conn, out, kill) = ConnHandle::new(rt.next_conn_id(), s.outbound_buffer);
+        // Settings are validated non-zero at start-up.
+        let per_sec = NonZeroU32::new(s.frames_per_sec).unwrap_or(NonZeroU32::MIN);
+        let burst = NonZeroU32::new(s.frame_burst).unwrap_or(NonZeroU32::MIN);
+        let limiter = RateLimiter::direct(Quota::per_second(per_sec).allow_burst(burst));
+        (
+            Self {
+                rt,
+                tenant,
+                db,
+                who,
+                conn,
+                limiter,
+                refused: 0,
+            },
+            out,
+            kill,
+        )
+    }
+}
+
+impl Connection {
+    async fn run(
+        mut self,
+        mut session: actix_ws::Session,
+        stream: actix_ws::MessageStream,
+        mut out: Outbound,
+        mut kill: KillSwitch,
+    ) {
+        let s = self.rt.settings().clone();
+        let mut stream = stream
+            .max_frame_size(s.max_frame_bytes)
+            .aggregate_continuations()
+            .max_continuation_size(s.max_frame_bytes);
+        if session.text(self.hello().await).await.is_err() {
+            return;
+        }
+        self.attach().await;
+        tracing::debug!(conn = self.conn.id, who = ?self.who, "connection open");
+
+        let shutdown = self.rt.shutdown_token();
+        let heartbeat = Duration::from_secs(s.heartbeat_secs);
+        let idle_timeout = Duration::from_secs(s.idle_timeout_secs);
+        let mut ticker = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
+        let mut last_heard = Instant::now();
+        let reason: Option<CloseReason> = loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break Some(close(CloseCode::Away, "server shutting down")),
+                Some(Kill::TooSlow) = kill.recv() => {
+                    break Some(close(CloseCode::Other(CLOSE_TOO_SLOW), "too slow: reconnect and sync"));
+                }
+                frame = out.recv() => match frame {
+                    Some(f) => if session.text(f).await.is_err() { break None },
+                    None => break None,
+                },
+                msg = stream.recv() => {
+                    last_heard = Instant::now();
+                    match msg {
+                        None => break None,
+                        Some(Ok(AggregatedMessage::Text(text))) => {
+                            if self.limiter.check().is_err() {
+                                self.refused += 1;
+                                if self.refused >= s.flood_limit {
+                                    break Some(close(CloseCode::Policy, "flooding"));
+                                }
+                                self.conn.push(error_frame(None, "rate_limited", "too many frames; slow down"));
+                                continue;
+                            }
+                            self.handle_text(&text);
+                        }
+                        Some(Ok(AggregatedMessage::Binary(_))) => {
+                            self.conn.push(error_frame(None, "unsupported_frame", "binary frames are not supported; send JSON text"));
+                        }
+                        Some(Ok(AggregatedMessage::Ping(bytes))) => {
+                            if session.pong(&bytes).await.is_err() { break None }
+                        }
+                        Some(Ok(AggregatedMessage::Pong(_))) => {}
+                        Some(Ok(AggregatedMessage::Close(_))) => break Some(close(CloseCode::Normal, "bye")),
+                        Some(Err(ProtocolError::Overflow)) => {
+                            break Some(close(CloseCode::Size, "frame too large"));
+                        }
+                        Some(Err(e)) => {
+                            tracing::debug!(error = %e, "WebSocket protocol error");
+                            break Some(close(CloseCode::Protocol, "protocol error"));
+                        }
+                    }
+                }
+                _ = ticker.tick() => {
+                    if last_heard.elapsed() >= idle_timeout {
+                        break Some(close(CloseCode::Other(CLOSE_IDLE), "idle timeout"));
+                    }
+                    if session.ping(b"").await.is_err() { break None }
+                }
+            }
+        };
+        self.detach();
+        tracing::debug!(conn = self.conn.id, reason = ?reason, "connection closed");
+        let _ = session.close(reason).await;
+    }
+
+    /// The first frame: who this is and the open conversations with their `last_seq`.
+    async fn hello(&self) -> bytestring::ByteString {
+        let (role, id, convs) = match self.who {
+            Who::Agent { id, .. } => ("agent", id, store::active_for_agent(&self.db, id).await),
+            Who::Visitor { id } => (
+                "visitor",
+                id,
+                store::open_conversation_of(&self.db, id)
+                    .await
+                    .map(|c| c.into_iter().collect()),
+            ),
+        };
+        let conversations: Vec<ConversationSummary> = convs
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "could not list open conversations for hello");
+                Vec::new()
+            })
+            .iter()
+            .map(ConversationSummary::from)
+            .collect();
+        ServerFrame::Hello {
+            node: self.rt.node_id(),
+            role,
+            id,
+            conversations: &conversations,
+        }
+        .encode()
+    }
+
+    async fn attach(&self) {
+        // Twice: the hub found may be stopping right now; the second one is new.
+        for _ in 0..2 {
+            let ok = match self.who {
+                Who::Agent { id, .. } => self
+                    .rt
+                    .agent_hub(&self.tenant, id)
+                    .send(Attach(self.conn.clone()))
+                    .await
+                    .is_ok(),
+                Who::Visitor { id } => self
+                    .rt
+                    .visitor_hub(&self.tenant, id)
+                    .send(Attach(self.conn.clone()))
+                    .await
+                    .is_ok(),
+            };
+            if ok {
+                return;
+            }
+        }
+        tracing::warn!("could not attach the connection to its hub");
+    }
+
+    fn detach(&self) {
+        match self.who {
+            Who::Agent { id, .. } => self
+                .rt
+                .agent_hub(&self.tenant, id)
+                .do_send(Detach(self.conn.id)),
+            Who::Visitor { id } => self
+                .rt
+                .visitor_hub(&self.tenant, id)
+                .do_send(Detach(self.conn.id)),
+        }
+    }
+
+    fn refuse(&self, reference: Option<&Value>, code: &str, message: &str) {
+        self.conn.push(error_frame(reference, code, message));
+    }
+
+    fn origin(&self, reference: Option<Value>) -> Origin {
+        Origin {
+            conn: self.conn.clone(),
+            reference,
+        }
+    }
+
+    fn handle_text(&mut self, text: &str) {
+        let (reference, frame) = match parse_client_frame(text) {
+            Ok(parsed) => parsed,
+            Err(e) => return self.refuse(e.reference.as_ref(), e.code, &e.message),
+        };
+        let r = reference.as_ref();
+        match frame {
+            ClientFrame::Ping => self.conn.push(ServerFrame::Pong { reference: r }.encode()),
+            ClientFrame::Send {
+                conversation_id,
+                client_msg_id,
+                content,
+            } => {
+                if let Err(refusal) =
+                    check_send(&client_msg_id, &content, self.rt.settings().max_text_chars)
+                {
+                    return self.refuse(r, refusal.code, &refusal.message);
+                }
+                let op = WriteOp::Message(NewMessage {
+                    conversation_id,
+                    client_msg_id,
+                    sender: self.who.participant(),
+                    // Serialising a validated enum of strings cannot fail.
+                    content: serde_json::to_string(&content).unwrap_or_default(),
+                });
+                let submit = Submit {
+                    op,
+                    origin: Some(self.origin(reference)),
+                };
+                self.submit(conversation_id, submit);
+            }
+            ClientFrame::Sync {
+                conversation_id,
+                after_seq,
+            } => {
+                let (db, who, conn) = (self.db.clone(), self.who, self.conn.clone());
+                actix_web::rt::spawn(replay(
+                    db,
+                    who,
+                    conn,
+                    conversation_id,
+                    after_seq.max(0),
+                    reference,
+                ));
+            }
+            ClientFrame::Read {
+                conversation_id,
+                seq,
+            } => {
+                let submit = Submit {
+                    op: WriteOp::Read {
+                        conversation_id,
+                        reader: self.who.participant(),
+                        seq,
+                    },
+                    origin: Some(self.origin(reference)),
+                };
+                self.submit(conversation_id, submit);
+            }
+            ClientFrame::Typing { conversation_id } => {
+                self.rt
+                    .conversation(&self.tenant, conversation_id)
+                    .do_send(Typing {
+                        from: self.who.participant(),
+                        except: Some(self.conn.id),
+                    });
+            }
+            ClientFrame::Close { conversation_id } => {
+                let by = match self.who {
+                    Who::Agent { id, .. } => Closer::Agent(id),
+                    Who::Visitor { id } => Closer::Visitor(id),
+                };
+                self.rt.queue(&self.tenant).do_send(queue::Close {
+                    conversation_id,
+                    by,
+                    origin: Some(self.origin(reference)),
+                });
+            }
+            ClientFrame::Status { status } => match self.who {
+                Who::Agent { id, .. } => self
+                    .rt
+                    .agent_hub(&self.tenant, id)
+                    .do_send(agent::SetStatus(status)),
+                Who::Visitor { .. } => self.refuse(r, "forbidden", "only agents have a status"),
+            },
+            ClientFrame::Transfer {
+                conversation_id,
+                to_agent_id,
+                to_team,
+            } => {
+                let Who::Agent { id, .. } = self.who else {
+                    return self.refuse(r, "forbidden", "only agents transfer conversations");
+                };
+                let to = match (to_agent_id, to_team) {
+                    (Some(a), None) => queue::TransferTarget::Agent(a),
+                    (None, Some(t)) => queue::TransferTarget::Team(t),
+                    _ => {
+                        return self.refuse(
+                            r,
+                            "invalid_frame",
+                            "transfer: give exactly one of to_agent_id and to_team",
+                        );
+                    }
+                };
+                self.rt.queue(&self.tenant).do_send(queue::Transfer {
+                    conversation_id,
+                    from_agent: id,
+                    to,
+                    origin: self.origin(reference),
+                });
+            }
+        }
+    }
+
+    /// Hands a write to the conversation's actor without waiting for it.
+    fn submit(&self, conversation_id: i64, submit: Submit) {
+        let addr = self.rt.conversation(&self.tenant, conversation_id);
+        match addr.try_send(submit) {
+            Ok(()) => {}
+            // It stopped between lookup and send: the registry now starts a fresh one.
+            Err(actix::prelude::SendError::Closed(submit)) => {
+                self.rt
+                    .conversation(&self.tenant, conversation_id)
+                    .do_send(submit);
+            }
+            Err(actix::prelude::SendError::Full(submit)) => {
+                let r = submit.origin.as_ref().and_then(|o| o.reference.as_ref());
+                self.refuse(
+                    r,
+                    "overloaded",
+                    "the conversation is busy; send again shortly",
+                );
+            }
+        }
+    }
+}
+
+fn close(code: CloseCode, description: &str) -> CloseReason {
+    CloseReason {
+        code,
+        description: Some(description.to_owned()),
+    }
+}
+
+/// Why a `send` was refused before anything was stored.
+pub struct SendRefusal {
+    /// Error-frame code.
+    pub code: &'static str,
+    /// The field at fault (for HTTP's `validation_failed`).
+    pub field: &'static str,
+    pub message: String,
+}
+
+/// Checks a `send` before anything is stored.
+pub fn check_send(
+    client_msg_id: &str,
+    content: &ClientContent,
+    max_chars: usize,
+) -> Result<(), SendRefusal> {
+    let id_ok = !client_msg_id.is_empty()
+        && client_msg_id.len() <= MAX_CLIENT_MSG_ID
+        && client_msg_id.bytes().all(|b| b.is_ascii_graphic());
+    if !id_ok {
+        return Err(SendRefusal {
+            code: "invalid_frame",
+            field: "client_msg_id",
+            message: format!(
+                "client_msg_id must be 1 to {MAX_CLIENT_MSG_ID} visible ASCII characters"
+            ),
+        });
+    }
+    let ClientContent::Text { text } = content;
+    if text.trim().is_empty() {
+        return Err(SendRefusal {
+            code: "invalid_frame",
+            field: "content.text",
+            message: "content.text is empty".into(),
+        });
+    }
+    if text.chars().count() > max_chars {
+        return Err(SendRefusal {
+            code: "message_too_long",
+            field: "content.text",
+            message: format!("content.text is longer than {max_chars} characters"),
+        });
+    }
+    Ok(())
+}
+
+/// May `who` read this conversation? Its visitor, its agent, any agent while it is queued, and
+/// supervisors and admins always.
+pub fn may_read(who: Who, c: &entity::tenant::conversation::Model) -> bool {
+    match who {
+        Who::Visitor { id } => c.visitor_id == id,
+        Who::Agent { id, role } => {
+            role.oversees()
+                || c.agent_id == Some(id)
+                || ConversationStatus::of(c) == ConversationStatus::Queued
+        }
+    }
+}
+
+/// `sync`: replays everything after `after_seq` from storage, then `synced`.
+async fn replay(
+    db: DatabaseConnection,
+    who: Who,
+    conn: ConnHandle,
+    conversation_id: i64,
+    mut after: i64,
+    reference: Option<Value>,
+) {
+    let r = reference.as_ref();
+    let conv = match store::get(&db, conversation_id).await {
+        Ok(Some(c)) if may_read(who, &c) => c,
+        Ok(_) => {
+            conn.push(error_frame(
+                r,
+                "conversation_not_found",
+                "no such conversation of yours",
+            ));
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "sync failed");
+            conn.push(error_frame(
+                r,
+                "dependency_unavailable",
+                "storage is unavailable; sync again",
+            ));
+            return;
+        }
+    };
+    loop {
+        let page = match store::messages_after(&db, conv.id, after, store::MAX_PAGE).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "sync failed");
+                conn.push(error_frame(
+                    r,
+                    "dependency_unavailable",
+                    "storage is unavailable; sync again",
+                ));
+                return;
+            }
+        };
+        let full = page.len() as u64 == store::MAX_PAGE;
+        for m in page {
+            after = m.seq;
+            let view = MessageView::from(m);
+            if !conn.push_wait(ServerFrame::Message(&view).encode()).await {
+                return;
+            }
+        }
+        if !full {
+            break;
+        }
+    }
+    conn.push_wait(
+        ServerFrame::Synced {
+            reference: r,
+            conversation_id,
+            last_seq: after,
+        }
+        .encode(),
+    )
+    .await;
+}

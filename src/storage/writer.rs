@@ -1,0 +1,201 @@
+//! The per-tenant group-commit writer. Every append to a conversation log goes through it:
+//! jobs that arrive while a transaction is being committed wait and then go into the next
+//! transaction together, so one fsync covers many messages under load and throughput grows
+//! with load, while every reply still means "committed".
+//!
+//! One writer per tenant also means one writer per SQLite file, which is what SQLite wants.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use sea_orm::{DatabaseConnection, TransactionSession, TransactionTrait};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::conversations::Participant;
+use crate::conversations::log::{self, Change, NewMessage, WriteError, Written};
+
+/// Most operations in one transaction: bounds how long one commit holds the write lock and
+/// how much a failed commit takes down with it.
+const MAX_BATCH: usize = 256;
+
+/// Jobs waiting for a writer. A full queue makes callers wait (backpressure), not fail.
+const QUEUE_DEPTH: usize = 4096;
+
+/// A writer with nothing to do for this long ends, releasing its tenant's pool.
+const IDLE_EXIT: Duration = Duration::from_secs(120);
+
+/// One operation on a conversation log.
+#[derive(Clone, Debug)]
+pub enum WriteOp {
+    Message(NewMessage),
+    Change(Change),
+    Read {
+        conversation_id: i64,
+        reader: Participant,
+        seq: i64,
+    },
+}
+
+struct Job {
+    op: WriteOp,
+    reply: oneshot::Sender<Result<Written, WriteError>>,
+}
+
+/// The writers of this process, one per tenant that wrote recently.
+#[derive(Clone, Default)]
+pub struct Writers {
+    inner: Arc<DashMap<i64, Writer>>,
+    /// Distinguishes a writer from its successor when an idle one removes itself.
+    next_id: Arc<AtomicU64>,
+}
+
+#[derive(Clone)]
+struct Writer {
+    id: u64,
+    tx: mpsc::Sender<Job>,
+    /// Its sender lives in the writer task; `changed()` fails once the task has ended.
+    done: watch::Receiver<()>,
+}
+
+impl Writers {
+    /// Writes `op` for `tenant_id` into `db` and returns once it is committed.
+    pub async fn write(
+        &self,
+        tenant_id: i64,
+        db: &DatabaseConnection,
+        op: WriteOp,
+    ) -> Result<Written, WriteError> {
+        let (reply, answer) = oneshot::channel();
+        let mut job = Job { op, reply };
+        // Two tries: the writer we found may have just ended because it was idle.
+        for _ in 0..2 {
+            let writer = self.writer(tenant_id, db);
+            match writer.tx.send(job).await {
+                Ok(()) => return answer.await.map_err(|_| WriteError::Unavailable)?,
+                Err(mpsc::error::SendError(back)) => {
+                    self.inner.remove_if(&tenant_id, |_, w| w.id == writer.id);
+                    job = back;
+                }
+            }
+        }
+        Err(WriteError::Unavailable)
+    }
+
+    /// Ends every writer after its queue is written, and waits for that (shutdown: nothing
+    /// accepted is dropped).
+    pub async fn flush(&self) {
+        let writers: Vec<Writer> = self.inner.iter().map(|e| e.value().clone()).collect();
+        self.inner.clear();
+        for w in writers {
+            let Writer { tx, mut done, .. } = w;
+            drop(tx);
+            while done.changed().await.is_ok() {}
+        }
+    }
+
+    fn writer(&self, tenant_id: i64, db: &DatabaseConnection) -> Writer {
+        self.inner
+            .entry(tenant_id)
+            .or_insert_with(|| {
+                let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+                let (done_tx, done) = watch::channel(());
+                let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                let map = self.inner.clone();
+                let db = db.clone();
+                tokio::spawn(async move {
+                    run(tenant_id, id, db, rx, map).await;
+                    drop(done_tx);
+                });
+                Writer { id, tx, done }
+            })
+            .clone()
+    }
+}
+
+async fn run(
+    tenant_id: i64,
+    id: u64,
+    db: DatabaseConnection,
+    mut rx: mpsc::Receiver<Job>,
+    map: Arc<DashMap<i64, Writer>>,
+) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    loop {
+        let first = match tokio::time::timeout(IDLE_EXIT, rx.recv()).await {
+            Ok(Some(job)) => job,
+            Ok(None) => break,
+            Err(_) => {
+                // Idle: leave the map, then finish whatever raced in before leaving.
+                map.remove_if(&tenant_id, |_, w| w.id == id);
+                rx.close();
+                match rx.recv().await {
+                    Some(job) => job,
+                    None => break,
+                }
+            }
+        };
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        write_batch(&db, &mut batch).await;
+    }
+    tracing::debug!(tenant_id, "conversation writer ended");
+}
+
+/// Runs a batch in one transaction, one savepoint per job, and answers every job after the
+/// commit (or with an error if the commit failed: nothing is acknowledged that is not stored).
+async fn write_batch(db: &DatabaseConnection, batch: &mut Vec<Job>) {
+    let results = async {
+        let txn = db.begin().await?;
+        let mut results = Vec::with_capacity(batch.len());
+        for job in batch.iter() {
+            let sp = txn.begin().await?;
+            let result = match &job.op {
+                WriteOp::Message(m) => log::append(&sp, m).await,
+                WriteOp::Change(c) => log::apply(&sp, c).await,
+                WriteOp::Read {
+                    conversation_id,
+                    reader,
+                    seq,
+                } => log::set_read(&sp, *conversation_id, *reader, *seq).await,
+            };
+            match result {
+                Ok(written) => {
+                    TransactionSession::commit(sp).await?;
+                    results.push(Ok(written));
+                }
+                Err(e) => {
+                    TransactionSession::rollback(sp).await?;
+                    // A re-send that raced with another writer: answer with the first copy.
+                    let result = match (&job.op, e) {
+                        (WriteOp::Message(m), WriteError::Stale) => log::find_resend(&txn, m).await,
+                        (_, e) => Err(e),
+                    };
+                    results.push(result);
+                }
+            }
+        }
+        TransactionSession::commit(txn).await?;
+        Ok::<_, sea_orm::DbErr>(results)
+    }
+    .await;
+    match results {
+        Ok(results) => {
+            for (job, result) in batch.drain(..).zip(results) {
+                let _ = job.reply.send(result);
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, jobs = batch.len(), "conversation write failed; nothing acknowledged");
+            for job in batch.drain(..) {
+                let _ = job.reply.send(Err(WriteError::Unavailable));
+            }
+        }
+    }
+}
