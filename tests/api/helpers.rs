@@ -64,6 +64,11 @@ pub struct TestTenant {
 }
 
 pub async fn spawn_app(backend: Backend) -> TestApp {
+    spawn_app_with(backend, |_| {}).await
+}
+
+/// Like [`spawn_app`], with settings changed first (short timeouts, small limits).
+pub async fn spawn_app_with(backend: Backend, change: impl FnOnce(&mut Settings)) -> TestApp {
     let data_dir = Arc::new(tempfile::tempdir().expect("temp dir"));
     let mut settings = Settings {
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -77,6 +82,7 @@ pub async fn spawn_app(backend: Backend) -> TestApp {
     if backend == Backend::Postgres {
         settings.database_url = Some(format!("{}/kt_{}", postgres_server(), random_suffix()));
     }
+    change(&mut settings);
     start(backend, settings, data_dir).await
 }
 

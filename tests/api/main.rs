@@ -5,8 +5,10 @@ mod helpers;
 
 mod agents;
 mod bad_input;
+mod chat;
 mod cli;
 mod health;
 mod isolation;
 mod onboarding;
 mod restart;
+mod ws;
