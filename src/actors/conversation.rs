@@ -61,7 +61,7 @@ impl ConversationActor {
         self.participants = Some((conv.visitor_id, conv.agent_id));
         let view = MessageView::from(message.clone());
         let mut frames = vec![ServerFrame::Message(&view).encode()];
-        frames.extend(event_frame(&view));
+        frames.extend(event_frames(&view));
         let tenant = self.tenant.id;
         for f in &frames {
             self.rt
@@ -79,31 +79,47 @@ impl ConversationActor {
     }
 }
 
-/// The dedicated frame (`assigned`, `transferred`, `closed`) that goes with a system message,
-/// built from the message alone so that long-poll replays can show it too.
-pub fn event_frame(view: &MessageView) -> Option<ByteString> {
+/// The dedicated frames (`assigned`, `transferred`, `closed`) that go with a system message,
+/// built from the message alone so that long-poll replays can show them too.
+pub fn event_frames(view: &MessageView) -> Vec<ByteString> {
+    event_frames_of(view).unwrap_or_default()
+}
+
+fn event_frames_of(view: &MessageView) -> Option<Vec<ByteString>> {
     if view.sender.kind != "system" {
         return None;
     }
     let content: Value = serde_json::from_str(view.content.get()).ok()?;
     let conversation_id = view.conversation_id;
     let int = |k: &str| content[k].as_i64();
-    let frame = match content["event"].as_str()? {
-        "assigned" => {
-            let agent: AgentRef = serde_json::from_value(content["agent"].clone()).ok()?;
+    let assigned = || {
+        let agent: AgentRef = serde_json::from_value(content["agent"].clone()).ok()?;
+        Some(
             ServerFrame::Assigned {
                 conversation_id,
                 agent: &agent,
             }
-            .encode()
+            .encode(),
+        )
+    };
+    let frame = match content["event"].as_str()? {
+        "assigned" => assigned()?,
+        // The new agent (and the visitor) also get `assigned`, naming who holds it now.
+        "transferred" => {
+            let transferred = ServerFrame::Transferred {
+                conversation_id,
+                from_agent_id: int("from_agent_id"),
+                to_agent_id: int("to_agent_id"),
+                to_team: None,
+            }
+            .encode();
+            return Some(
+                [Some(transferred), assigned()]
+                    .into_iter()
+                    .flatten()
+                    .collect(),
+            );
         }
-        "transferred" => ServerFrame::Transferred {
-            conversation_id,
-            from_agent_id: int("from_agent_id"),
-            to_agent_id: int("to_agent_id"),
-            to_team: None,
-        }
-        .encode(),
         "requeued" => ServerFrame::Transferred {
             conversation_id,
             from_agent_id: int("from_agent_id"),
@@ -118,7 +134,7 @@ pub fn event_frame(view: &MessageView) -> Option<ByteString> {
         .encode(),
         _ => return None,
     };
-    Some(frame)
+    Some(vec![frame])
 }
 
 impl Actor for ConversationActor {

@@ -58,6 +58,9 @@ struct Inner {
     agents: DashMap<Key, Addr<AgentActor>>,
     visitors: DashMap<Key, Addr<VisitorActor>>,
     queues: DashMap<i64, Addr<QueueActor>>,
+    /// Visitors with at least one open socket on this node, and how many (the queue asks this
+    /// when a conversation joins it, to know whether its visitor is still there).
+    visitor_sockets: DashMap<Key, usize>,
     /// Where actors run; spread by a hash of their key.
     arbiters: Vec<ArbiterHandle>,
     /// The arbiters themselves, stopped at shutdown.
@@ -88,6 +91,7 @@ impl Realtime {
                 agents: DashMap::new(),
                 visitors: DashMap::new(),
                 queues: DashMap::new(),
+                visitor_sockets: DashMap::new(),
                 arbiters,
                 owned: Mutex::new(owned),
                 shutdown: CancellationToken::new(),
@@ -241,6 +245,26 @@ impl Realtime {
         if let Some(a) = self.inner.visitors.get(&(tenant_id, visitor_id)) {
             a.do_send(conn::Deliver { frame, except });
         }
+    }
+
+    /// Counts a visitor's socket in (`true`) or out.
+    fn visitor_socket(&self, tenant_id: i64, visitor_id: i64, open: bool) {
+        let key = (tenant_id, visitor_id);
+        if open {
+            *self.inner.visitor_sockets.entry(key).or_default() += 1;
+        } else {
+            self.inner.visitor_sockets.remove_if_mut(&key, |_, n| {
+                *n = n.saturating_sub(1);
+                *n == 0
+            });
+        }
+    }
+
+    /// Has the visitor a socket open on this node?
+    pub fn visitor_present(&self, tenant_id: i64, visitor_id: i64) -> bool {
+        self.inner
+            .visitor_sockets
+            .contains_key(&(tenant_id, visitor_id))
     }
 
     /// Forgets an actor that stopped, unless a successor has taken its place.

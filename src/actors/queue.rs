@@ -56,14 +56,14 @@ struct Queued {
 }
 
 impl Queued {
-    fn from_model(c: &conversation::Model) -> Self {
+    fn from_model(c: &conversation::Model, present: bool) -> Self {
         Self {
             conversation_id: c.id,
             visitor_id: c.visitor_id,
             team_id: c.team_id,
             queued_at: c.queued_at,
             last_seen: Instant::now(),
-            present: false,
+            present,
             announced: 0,
         }
     }
@@ -97,6 +97,22 @@ impl QueueActor {
             graces: HashMap::new(),
             abandoned: 0,
         }
+    }
+
+    fn queued(&self, c: &conversation::Model) -> Queued {
+        Queued::from_model(c, self.rt.visitor_present(self.tenant.id, c.visitor_id))
+    }
+
+    /// Joins a conversation at the back of its team's queue (new arrivals).
+    fn push_back(&mut self, c: &conversation::Model) {
+        let q = self.queued(c);
+        self.queues.entry(c.team_id).or_default().push_back(q);
+    }
+
+    /// Joins a conversation at the head of its team's queue (returned conversations).
+    fn push_front(&mut self, c: &conversation::Model) {
+        let q = self.queued(c);
+        self.queues.entry(c.team_id).or_default().push_front(q);
     }
 
     fn load(&self, agent_id: i64) -> usize {
@@ -274,10 +290,7 @@ impl QueueActor {
         ctx.wait(requeue.into_actor(self).map(|back, act, ctx| {
             // Pushed to the front in reverse, so they keep their original order at the head.
             for c in back.iter().rev() {
-                act.queues
-                    .entry(c.team_id)
-                    .or_default()
-                    .push_front(Queued::from_model(c));
+                act.push_front(c);
             }
             act.pump(ctx);
         }));
@@ -390,7 +403,7 @@ impl Actor for QueueActor {
                 return;
             };
             for c in &queued {
-                act.queues.entry(c.team_id).or_default().push_back(Queued::from_model(c));
+                act.push_back(c);
             }
             for c in &active {
                 if let Some(a) = c.agent_id {
@@ -434,10 +447,7 @@ impl Handler<Enqueue> for QueueActor {
         if ConversationStatus::of(&c) != ConversationStatus::Queued {
             return 0;
         }
-        self.queues
-            .entry(c.team_id)
-            .or_default()
-            .push_back(Queued::from_model(&c));
+        self.push_back(&c);
         let position = self.position(c.id).unwrap_or(0);
         self.pump(ctx);
         position
@@ -627,6 +637,7 @@ impl Handler<Transfer> for QueueActor {
     type Result = ();
 
     fn handle(&mut self, msg: Transfer, ctx: &mut Context<Self>) {
+        tracing::debug!(conversation_id = msg.conversation_id, to = ?msg.to, "transfer");
         let refuse = |origin: &Origin, code: &str, text: &str| {
             origin
                 .conn
@@ -701,10 +712,7 @@ impl Handler<Transfer> for QueueActor {
                     match res {
                         Ok(Written::Stored { conversation, .. }) => {
                             act.release(Some(from), id);
-                            act.queues
-                                .entry(conversation.team_id)
-                                .or_default()
-                                .push_front(Queued::from_model(&conversation));
+                            act.push_front(&conversation);
                         }
                         Err(WriteError::NotFound) => {
                             refuse(&msg.origin, "unknown_team", "no such team");

@@ -80,6 +80,7 @@ impl Handler<Attach> for VisitorActor {
 
     fn handle(&mut self, Attach(conn): Attach, ctx: &mut Context<Self>) {
         self.conns.push(conn);
+        self.rt.visitor_socket(self.tenant.id, self.id, true);
         self.rearm_linger(ctx);
         self.presence(Some(true));
     }
@@ -89,7 +90,11 @@ impl Handler<Detach> for VisitorActor {
     type Result = ();
 
     fn handle(&mut self, Detach(id): Detach, _: &mut Context<Self>) {
+        let before = self.conns.len();
         self.conns.retain(|c| c.id != id);
+        if self.conns.len() < before {
+            self.rt.visitor_socket(self.tenant.id, self.id, false);
+        }
         if self.conns.is_empty() {
             self.presence(Some(false));
         }

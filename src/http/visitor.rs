@@ -11,7 +11,7 @@ use super::auth::AuthVisitor;
 use super::ws::check_send;
 use super::{ApiError, JsonBody, Query};
 use crate::accounts::{GENERAL_TEAM, TokenKind, parse_name, teams};
-use crate::actors::conversation::{Submit, event_frame, write_error_code};
+use crate::actors::conversation::{Submit, event_frames, write_error_code};
 use crate::actors::{queue, visitor};
 use crate::conversations::log::{Closer, NewMessage, WriteError, Written};
 use crate::conversations::{ConversationStatus, MessageView, Participant, store};
@@ -208,10 +208,10 @@ pub async fn events(
         last_seq = m.seq;
         let view = MessageView::from(m);
         events.push(ServerFrame::Message(&view).to_value());
-        if let Some(event) = event_frame(&view)
-            && let Ok(v) = serde_json::from_str(&event)
-        {
-            events.push(v);
+        for event in event_frames(&view) {
+            if let Ok(v) = serde_json::from_str(&event) {
+                events.push(v);
+            }
         }
     }
     if let Some(position) = state

@@ -10,5 +10,6 @@ mod cli;
 mod health;
 mod isolation;
 mod onboarding;
+mod queue;
 mod restart;
 mod ws;

@@ -62,8 +62,9 @@ impl Ws {
 
     /// The next text frame as JSON (pings are answered by tungstenite itself).
     pub async fn recv(&mut self) -> Value {
+        let deadline = tokio::time::Instant::now() + FRAME_WAIT;
         loop {
-            let msg = tokio::time::timeout(FRAME_WAIT, self.stream.next())
+            let msg = tokio::time::timeout_at(deadline, self.stream.next())
                 .await
                 .expect("a frame within the wait")
                 .expect("the connection is open")
@@ -78,22 +79,23 @@ impl Ws {
 
     /// Skips frames until one of type `ty` arrives.
     pub async fn recv_type(&mut self, ty: &str) -> Value {
-        loop {
-            let f = self.recv().await;
-            if f["type"] == ty {
-                return f;
-            }
-        }
+        self.recv_where(|f| f["type"] == ty).await
     }
 
-    /// Skips frames until one matches.
+    /// Skips frames until one matches (all within one wait).
     pub async fn recv_where(&mut self, pred: impl Fn(&Value) -> bool) -> Value {
-        loop {
-            let f = self.recv().await;
-            if pred(&f) {
-                return f;
+        let mut skipped = Vec::new();
+        let found = tokio::time::timeout(FRAME_WAIT, async {
+            loop {
+                let f = self.recv().await;
+                if pred(&f) {
+                    return f;
+                }
+                skipped.push(f);
             }
-        }
+        })
+        .await;
+        found.unwrap_or_else(|_| panic!("no matching frame; got instead: {skipped:?}"))
     }
 
     /// Waits for the server to close the connection and returns the close code.
