@@ -60,3 +60,23 @@ pub struct Attach(pub ConnHandle);
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Detach(pub u64);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_full_queue_closes_the_connection_instead_of_growing() {
+        let (conn, mut out, mut kill) = ConnHandle::new(1, 2);
+        conn.push("a".into());
+        conn.push("b".into());
+        assert!(kill.try_recv().is_err(), "room left: nothing to say");
+        conn.push("c".into());
+        assert_eq!(kill.try_recv().ok(), Some(Kill::TooSlow));
+        // What was queued is still delivered in order; the frame that did not fit is dropped
+        // (the client resyncs by seq when it reconnects).
+        assert_eq!(out.recv().await.as_deref(), Some("a"));
+        assert_eq!(out.recv().await.as_deref(), Some("b"));
+        assert!(out.try_recv().is_err());
+    }
+}
