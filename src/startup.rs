@@ -138,6 +138,13 @@ pub struct Stopper {
 }
 
 impl Stopper {
+    /// Stops without waiting: for teardown in `Drop`, where nothing can be awaited.
+    pub fn stop_now(&self) {
+        self.realtime.stop_now();
+        // The command is sent when `stop` is called; the returned future only awaits it.
+        drop(self.server.stop(false));
+    }
+
     pub async fn stop(&self) {
         // Connections first (their close frames go out while the server still runs), then the
         // listener and requests in flight, then the writers and actors.

@@ -63,7 +63,7 @@ where
     let team_slugs = new.teams.unwrap_or_else(|| vec![GENERAL_TEAM.to_owned()]);
     let hash = password::hash(new.password).await?;
 
-    let txn = db.begin().await?;
+    let txn = crate::storage::begin_write(db).await?;
     let team_ids = resolve_teams(&txn, &team_slugs).await?;
     if find_by_email(&txn, &email).await?.is_some() {
         return Err(AccountsError::EmailTaken);
@@ -148,7 +148,7 @@ where
         None => None,
     };
 
-    let txn = db.begin().await?;
+    let txn = crate::storage::begin_write(db).await?;
     let current = agent::Entity::find_by_id(id)
         .one(&txn)
         .await?
@@ -203,7 +203,7 @@ pub async fn delete<C>(db: &C, id: i64) -> Result<(), AccountsError>
 where
     C: ConnectionTrait + TransactionTrait,
 {
-    let txn = db.begin().await?;
+    let txn = crate::storage::begin_write(db).await?;
     let current = agent::Entity::find_by_id(id)
         .one(&txn)
         .await?

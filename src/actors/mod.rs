@@ -131,6 +131,13 @@ impl Realtime {
     pub async fn shutdown(&self) {
         self.inner.shutdown.cancel();
         self.inner.writers.flush().await;
+        self.stop_now();
+    }
+
+    /// Stops every actor at once, without waiting for writers (what was not yet committed was
+    /// not acknowledged either). For teardown where nothing can be awaited.
+    pub fn stop_now(&self) {
+        self.inner.shutdown.cancel();
         let owned =
             std::mem::take(&mut *self.inner.owned.lock().unwrap_or_else(|e| e.into_inner()));
         for arbiter in owned {

@@ -69,6 +69,9 @@ pub enum Change {
 }
 
 /// What one operation of a batch did.
+// Built once per write and moved to its one reader; boxing the big variant would only add an
+// allocation per message.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum Written {
     /// Stored: the new message, and the conversation as it is now (`before` as it was).
@@ -107,16 +110,16 @@ pub async fn append(db: &impl ConnectionTrait, m: &NewMessage) -> Result<Written
         return same_sender(existing, m.sender);
     }
     let before = load(db, m.conversation_id).await?;
-    let mut allowed = match m.sender {
-        Participant::Visitor(v) => sea_orm::Condition::all()
-            .add(conversation::Column::VisitorId.eq(v))
-            .add(conversation::Column::Status.ne(ConversationStatus::Closed.as_str())),
-        Participant::Agent(a) => sea_orm::Condition::all()
-            .add(conversation::Column::AgentId.eq(a))
-            .add(conversation::Column::Status.eq(ConversationStatus::Active.as_str())),
+    // Only the conversation's visitor (until it closes) or its agent (while active) may write.
+    let allowed = match m.sender {
+        Participant::Visitor(v) => bump(m.conversation_id)
+            .filter(conversation::Column::VisitorId.eq(v))
+            .filter(conversation::Column::Status.ne(ConversationStatus::Closed.as_str())),
+        Participant::Agent(a) => bump(m.conversation_id)
+            .filter(conversation::Column::AgentId.eq(a))
+            .filter(conversation::Column::Status.eq(ConversationStatus::Active.as_str())),
     };
-    allowed = allowed.add(conversation::Column::Id.eq(m.conversation_id));
-    let Some(conversation) = bump(db, allowed, |u| u).await? else {
+    let Some(conversation) = returning(db, allowed).await? else {
         return Err(refusal(&before, m.sender));
     };
     let inserted = insert(
@@ -151,121 +154,95 @@ pub async fn find_resend(db: &impl ConnectionTrait, m: &NewMessage) -> Result<Wr
     }
 }
 
-/// Applies a state change and records it as a system message.
+impl Change {
+    fn conversation_id(&self) -> i64 {
+        match self {
+            Change::Assign {
+                conversation_id, ..
+            }
+            | Change::Transfer {
+                conversation_id, ..
+            }
+            | Change::Requeue {
+                conversation_id, ..
+            }
+            | Change::Close {
+                conversation_id, ..
+            } => *conversation_id,
+        }
+    }
+}
+
+/// Applies a state change and records it as a system message. Each change is a conditional
+/// update: it applies only from the state it was decided in, so a stale decision changes
+/// nothing.
 pub async fn apply(db: &impl ConnectionTrait, change: &Change) -> Result<Written, WriteError> {
+    use conversation::Column as C;
     let now = Utc::now();
-    let (id, content, precondition, update): (
-        i64,
-        serde_json::Value,
-        sea_orm::Condition,
-        Box<dyn Fn(Upd) -> Upd + Send>,
-    ) = match change {
-        Change::Assign {
-            conversation_id,
-            agent,
-        } => (
-            *conversation_id,
+    let id = change.conversation_id();
+    let status = |s: ConversationStatus| Expr::val(s.as_str());
+    let (update, content) = match change {
+        Change::Assign { agent, .. } => (
+            bump(id)
+                .filter(C::Status.eq(ConversationStatus::Queued.as_str()))
+                .col_expr(C::Status, status(ConversationStatus::Active))
+                .col_expr(C::AgentId, Expr::val(agent.id))
+                .col_expr(C::AssignedAt, Expr::val(now)),
             json!({"kind": "event", "event": "assigned", "agent": agent}),
-            sea_orm::Condition::all()
-                .add(conversation::Column::Status.eq(ConversationStatus::Queued.as_str())),
-            {
-                let agent_id = agent.id;
-                Box::new(move |u: Upd| {
-                    u.col_expr(
-                        conversation::Column::Status,
-                        Expr::val(ConversationStatus::Active.as_str()).into(),
-                    )
-                    .col_expr(conversation::Column::AgentId, Expr::val(agent_id).into())
-                    .col_expr(conversation::Column::AssignedAt, Expr::val(now).into())
-                })
-            },
         ),
-        Change::Transfer {
-            conversation_id,
-            from,
-            to,
-        } => (
-            *conversation_id,
-            json!({"kind": "event", "event": "transferred", "from_agent_id": from, "to_agent_id": to.id, "agent": to}),
-            sea_orm::Condition::all()
-                .add(conversation::Column::Status.eq(ConversationStatus::Active.as_str()))
-                .add(conversation::Column::AgentId.eq(*from)),
-            {
-                let to_id = to.id;
-                Box::new(move |u: Upd| {
-                    u.col_expr(conversation::Column::AgentId, Expr::val(to_id).into())
-                        .col_expr(conversation::Column::AssignedAt, Expr::val(now).into())
-                })
-            },
+        Change::Transfer { from, to, .. } => (
+            bump(id)
+                .filter(C::Status.eq(ConversationStatus::Active.as_str()))
+                .filter(C::AgentId.eq(*from))
+                .col_expr(C::AgentId, Expr::val(to.id))
+                .col_expr(C::AssignedAt, Expr::val(now)),
+            json!({"kind": "event", "event": "transferred", "from_agent_id": from,
+                   "to_agent_id": to.id, "agent": to}),
         ),
         Change::Requeue {
-            conversation_id,
             from,
             to_team,
             reason,
-        } => (
-            *conversation_id,
-            json!({"kind": "event", "event": "requeued", "from_agent_id": from, "reason": reason,
-                       "to_team": to_team.as_ref().map(|t| &t.1)}),
-            sea_orm::Condition::all()
-                .add(conversation::Column::Status.eq(ConversationStatus::Active.as_str()))
-                .add(conversation::Column::AgentId.eq(*from)),
-            {
-                let team = to_team.as_ref().map(|t| t.0);
-                Box::new(move |u: Upd| {
-                    let u = u
-                        .col_expr(
-                            conversation::Column::Status,
-                            Expr::val(ConversationStatus::Queued.as_str()).into(),
-                        )
-                        .col_expr(
-                            conversation::Column::AgentId,
-                            Expr::val(Option::<i64>::None).into(),
-                        );
-                    match team {
-                        Some(t) => u.col_expr(conversation::Column::TeamId, Expr::val(t).into()),
-                        None => u,
-                    }
-                })
-            },
-        ),
-        Change::Close {
-            conversation_id,
-            by,
+            ..
         } => {
-            let by = *by;
-            let mut cond = sea_orm::Condition::all()
-                .add(conversation::Column::Status.ne(ConversationStatus::Closed.as_str()));
+            let mut u = bump(id)
+                .filter(C::Status.eq(ConversationStatus::Active.as_str()))
+                .filter(C::AgentId.eq(*from))
+                .col_expr(C::Status, status(ConversationStatus::Queued))
+                .col_expr(C::AgentId, Expr::val(Option::<i64>::None));
+            if let Some((team_id, _)) = to_team {
+                u = u.col_expr(C::TeamId, Expr::val(*team_id));
+            }
+            (
+                u,
+                json!({"kind": "event", "event": "requeued", "from_agent_id": from,
+                       "reason": reason, "to_team": to_team.as_ref().map(|t| &t.1)}),
+            )
+        }
+        Change::Close { by, .. } => {
+            let mut u = bump(id)
+                .filter(C::Status.ne(ConversationStatus::Closed.as_str()))
+                // Closed while still queued: the visitor gave up waiting.
+                .col_expr(
+                    C::Abandoned,
+                    Expr::col(C::Status).eq(ConversationStatus::Queued.as_str()),
+                )
+                .col_expr(C::Status, status(ConversationStatus::Closed))
+                .col_expr(C::ClosedAt, Expr::val(now))
+                .col_expr(C::ClosedBy, Expr::val(by.as_str()));
             match by {
-                Closer::Visitor(v) => cond = cond.add(conversation::Column::VisitorId.eq(v)),
-                Closer::Agent(a) => cond = cond.add(conversation::Column::AgentId.eq(a)),
+                Closer::Visitor(v) => u = u.filter(C::VisitorId.eq(*v)),
+                Closer::Agent(a) => u = u.filter(C::AgentId.eq(*a)),
                 Closer::System => {}
             }
             (
-                *conversation_id,
+                u,
                 json!({"kind": "event", "event": "closed", "by": by.as_str()}),
-                cond,
-                Box::new(move |u: Upd| {
-                    // Closed while still queued: the visitor gave up waiting.
-                    let abandoned = Expr::col(conversation::Column::Status)
-                        .eq(ConversationStatus::Queued.as_str());
-                    u.col_expr(
-                        conversation::Column::Status,
-                        Expr::val(ConversationStatus::Closed.as_str()).into(),
-                    )
-                    .col_expr(conversation::Column::Abandoned, abandoned)
-                    .col_expr(conversation::Column::ClosedAt, Expr::val(now).into())
-                    .col_expr(
-                        conversation::Column::ClosedBy,
-                        Expr::val(by.as_str()).into(),
-                    )
-                }),
             )
         }
     };
     let before = load(db, id).await?;
-    let cond = precondition.add(conversation::Column::Id.eq(id));
-    let Some(conversation) = bump(db, cond, update).await? else {
+    let Some(conversation) = returning(db, update).await? else {
         return Err(match ConversationStatus::of(&before) {
             ConversationStatus::Closed => WriteError::Closed,
             _ if matches!(change, Change::Close { .. }) => WriteError::NotParticipant,
@@ -328,21 +305,24 @@ pub async fn set_read(
     Ok(Written::ReadStored)
 }
 
-type Upd = sea_orm::UpdateMany<conversation::Entity>;
-
-/// `UPDATE conversations SET last_seq = last_seq + 1, … WHERE cond RETURNING *`.
-async fn bump(
-    db: &impl ConnectionTrait,
-    cond: sea_orm::Condition,
-    update: impl Fn(Upd) -> Upd,
-) -> Result<Option<conversation::Model>, WriteError> {
-    let q = conversation::Entity::update_many()
+/// `UPDATE conversations SET last_seq = last_seq + 1 WHERE id = …`, to be narrowed by the
+/// caller's conditions. The row lock it takes serialises appends to one conversation.
+fn bump(id: i64) -> sea_orm::UpdateMany<conversation::Entity> {
+    conversation::Entity::update_many()
         .col_expr(
             conversation::Column::LastSeq,
             Expr::col(conversation::Column::LastSeq).add(1),
         )
-        .filter(cond);
-    Ok(update(q).exec_with_returning(db).await?.into_iter().next())
+        .filter(conversation::Column::Id.eq(id))
+}
+
+/// Runs the update with `RETURNING *`: the conversation as it now is, or none if the
+/// conditions did not hold.
+async fn returning(
+    db: &impl ConnectionTrait,
+    update: sea_orm::UpdateMany<conversation::Entity>,
+) -> Result<Option<conversation::Model>, WriteError> {
+    Ok(update.exec_with_returning(db).await?.into_iter().next())
 }
 
 async fn load(db: &impl ConnectionTrait, id: i64) -> Result<conversation::Model, WriteError> {

@@ -19,7 +19,10 @@ use std::time::Duration;
 
 use migration::{MigratorTrait, PlatformMigrator, TenantMigrator};
 use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
-use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbErr, Statement};
+use sea_orm::{
+    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbErr, SqliteTransactionMode,
+    Statement, TransactionOptions, TransactionTrait,
+};
 
 use crate::settings::{Settings, TenantPoolSettings};
 pub use pools::TenantPools;
@@ -251,6 +254,18 @@ impl Storage {
         self.platform.ping().await?;
         Ok(())
     }
+}
+
+/// Begins a transaction that will write. On SQLite it takes the write lock at `BEGIN`
+/// (`BEGIN IMMEDIATE`): a deferred transaction that reads first and writes later fails at once
+/// with `SQLITE_BUSY_SNAPSHOT` when another writer committed in between, which no busy timeout
+/// can wait out. PostgreSQL ignores the option.
+pub async fn begin_write<C: TransactionTrait>(db: &C) -> Result<C::Transaction, DbErr> {
+    db.begin_with_options(TransactionOptions {
+        sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
+        ..Default::default()
+    })
+    .await
 }
 
 /// For SQLite the file path of a database (platform or tenant), for PostgreSQL its name.

@@ -152,7 +152,7 @@ async fn run(
 /// commit (or with an error if the commit failed: nothing is acknowledged that is not stored).
 async fn write_batch(db: &DatabaseConnection, batch: &mut Vec<Job>) {
     let results = async {
-        let txn = db.begin().await?;
+        let txn = crate::storage::begin_write(db).await?;
         let mut results = Vec::with_capacity(batch.len());
         for job in batch.iter() {
             let sp = txn.begin().await?;

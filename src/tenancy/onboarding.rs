@@ -17,7 +17,6 @@ use chrono::Utc;
 use entity::platform::{tenant, tenant_domain};
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, EntityTrait, IntoActiveModel, QueryFilter, Set, SqlErr,
-    TransactionTrait,
 };
 use serde::Serialize;
 
@@ -135,7 +134,7 @@ impl Tenants {
         db_name: &str,
     ) -> Result<tenant::Model, TenancyError> {
         let platform = self.storage.platform();
-        let txn = platform.begin().await?;
+        let txn = crate::storage::begin_write(platform).await?;
         if tenant::Entity::find()
             .filter(tenant::Column::Slug.eq(slug.as_str()))
             .one(&txn)

@@ -305,7 +305,37 @@ async fn login_refuses_wrong_credentials(backend: Backend) {
         .await;
 }
 
+/// Concurrent writers on one tenant (SQLite's single write lock) all succeed.
+async fn concurrent_agent_creation(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let t = app.create_tenant("many").await;
+    let mut tasks = Vec::new();
+    for i in 0..12 {
+        let (client, url, domain, token) = (
+            app.client.clone(),
+            app.url("/api/v1/agents"),
+            t.domain.clone(),
+            t.admin_token.clone(),
+        );
+        tasks.push(actix_web::rt::spawn(async move {
+            client
+                .post(url)
+                .header("Host", domain)
+                .bearer_auth(token)
+                .json(&json!({"email": format!("a{i}@example.com"), "name": "A", "password": "password-123"}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }));
+    }
+    for task in tasks {
+        assert_eq!(task.await.unwrap(), StatusCode::CREATED);
+    }
+}
+
 on_both!(
+    concurrent_agent_creation,
     admin_manages_agents_and_teams,
     roles_are_enforced,
     the_last_admin_stays,

@@ -79,6 +79,8 @@ pub async fn spawn_app_with(backend: Backend, change: impl FnOnce(&mut Settings)
         workers: Some(2),
         ..Settings::default()
     };
+    // Many apps share one PostgreSQL server (100 connections by default) during a test run.
+    settings.tenant_pools.connections = 3;
     if backend == Backend::Postgres {
         settings.database_url = Some(format!("{}/kt_{}", postgres_server(), random_suffix()));
     }
@@ -219,6 +221,13 @@ impl TestApp {
         let body: Value = res.json().await.unwrap();
         let token = self.login(&t.domain, email, "agent-password-1").await;
         (body["id"].as_i64().unwrap(), token)
+    }
+}
+
+impl Drop for TestApp {
+    /// Each test's app stops with the test, so its pools do not outlive it.
+    fn drop(&mut self) {
+        self.stopper.stop_now();
     }
 }
 

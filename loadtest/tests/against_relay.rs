@@ -1,0 +1,107 @@
+//! The scenarios, small and quick, against the in-crate relay on real sockets.
+
+use std::time::Duration;
+
+use kefu_loadtest::relay;
+use kefu_loadtest::scenarios::{chat, connections, longpoll, ramp};
+
+async fn relay() -> relay::RelayHandle {
+    relay::start("127.0.0.1:0".parse().unwrap()).await.unwrap()
+}
+
+fn assert_clean(r: &kefu_loadtest::Report) {
+    assert!(r.passed, "{}", r.table());
+    assert_eq!((r.lost, r.duplicated, r.reordered, r.unacked), (0, 0, 0, 0));
+    assert!(
+        r.sent > 0 && r.acked == r.sent && r.delivered == r.acked,
+        "{}",
+        r.table()
+    );
+    assert_eq!(r.latency.count, r.delivered);
+    let stored = r.stored.as_ref().expect("stored check ran");
+    assert_eq!((stored.stored, stored.mismatched), (r.acked, 0));
+}
+
+#[tokio::test]
+async fn chat_against_the_relay_is_clean() {
+    let relay = relay().await;
+    let r = chat::run(chat::ChatConfig {
+        url: relay.url(),
+        conversations: 6,
+        agents: 2,
+        rate: 120.0,
+        duration: Duration::from_secs(1),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert_clean(&r);
+    assert_eq!((r.conversations, r.agents), (6, 2));
+    // 120 msg/s for a second, give or take the schedule's phase offsets.
+    assert!((100..=130).contains(&r.sent), "{}", r.sent);
+}
+
+#[tokio::test]
+async fn longpoll_against_the_relay_is_clean() {
+    let relay = relay().await;
+    let r = longpoll::run(longpoll::LongpollConfig {
+        url: relay.url(),
+        conversations: 4,
+        rate: 40.0,
+        duration: Duration::from_secs(1),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert_clean(&r);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn defaults_work_on_a_current_thread_runtime() {
+    let relay = relay().await;
+    let r = chat::run(chat::ChatConfig {
+        url: relay.url(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert_clean(&r);
+}
+
+#[tokio::test]
+async fn ramp_against_the_relay_steps_up() {
+    let relay = relay().await;
+    let r = ramp::run(ramp::RampConfig {
+        url: relay.url(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert!(r.passed, "{}", r.table());
+    let ramp = r.ramp.as_ref().unwrap();
+    assert_eq!(ramp.steps.len(), 2, "{}", r.ramp_table().unwrap());
+    assert_eq!(ramp.best_rate, Some(40.0));
+}
+
+#[tokio::test]
+async fn connections_against_the_relay_open_and_measure_memory() {
+    let relay = relay().await;
+    let r = connections::run(connections::ConnectionsConfig {
+        url: relay.url(),
+        visitors: 30,
+        agents: 2,
+        hold: Duration::from_millis(300),
+        sources: connections::loopback_sources(2),
+        // The relay runs in this very process; its memory is what is read.
+        server_pid: Some(std::process::id()),
+        settle: Duration::from_millis(50),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert!(r.passed, "{}", r.table());
+    let c = r.connections.as_ref().unwrap();
+    assert_eq!((c.opened, c.failed, c.dropped), (32, 0, 0));
+    assert_eq!(c.connect.count, 32);
+    assert!(c.rss_before_kib.is_some() && c.bytes_per_connection.is_some());
+}
