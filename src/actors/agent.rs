@@ -8,7 +8,7 @@ use std::time::Duration;
 use actix::prelude::*;
 
 use super::Realtime;
-use super::conn::{Attach, ConnHandle, Deliver, Detach};
+use super::conn::{Attach, ConnHandle, Deliver, Detach, fan_out};
 use super::queue;
 use crate::protocol::{AgentStatus, ServerFrame};
 use crate::tenancy::TenantRecord;
@@ -94,11 +94,7 @@ impl Handler<Deliver> for AgentActor {
     type Result = ();
 
     fn handle(&mut self, msg: Deliver, _: &mut Context<Self>) {
-        for c in &self.conns {
-            if Some(c.id) != msg.except {
-                c.push(msg.frame.clone());
-            }
-        }
+        fan_out(&self.conns, &msg.frame, msg.except);
     }
 }
 
@@ -118,9 +114,6 @@ impl Handler<SetStatus> for AgentActor {
                 agent_id: self.id,
                 status,
             });
-        let frame = ServerFrame::Status { status }.encode();
-        for c in &self.conns {
-            c.push(frame.clone());
-        }
+        fan_out(&self.conns, &ServerFrame::Status { status }.encode(), None);
     }
 }

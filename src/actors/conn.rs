@@ -43,6 +43,15 @@ impl ConnHandle {
     }
 }
 
+/// Queues a frame on every connection but `except` (the one it came from, if any).
+pub fn fan_out(conns: &[ConnHandle], frame: &ByteString, except: Option<u64>) {
+    for c in conns {
+        if Some(c.id) != except {
+            c.push(frame.clone());
+        }
+    }
+}
+
 /// A frame for every connection of an agent or visitor, except the one it came from.
 #[derive(Message)]
 #[rtype(result = "()")]

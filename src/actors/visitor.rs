@@ -8,7 +8,7 @@ use actix::prelude::*;
 use tokio::sync::oneshot;
 
 use super::Realtime;
-use super::conn::{Attach, ConnHandle, Deliver, Detach};
+use super::conn::{Attach, ConnHandle, Deliver, Detach, fan_out};
 use super::queue;
 use crate::tenancy::TenantRecord;
 
@@ -105,11 +105,7 @@ impl Handler<Deliver> for VisitorActor {
     type Result = ();
 
     fn handle(&mut self, msg: Deliver, _: &mut Context<Self>) {
-        for c in &self.conns {
-            if Some(c.id) != msg.except {
-                c.push(msg.frame.clone());
-            }
-        }
+        fan_out(&self.conns, &msg.frame, msg.except);
         for w in self.waiters.drain(..) {
             let _ = w.send(());
         }

@@ -32,6 +32,24 @@ fn state(req: &HttpRequest) -> Result<web::Data<AppState>, ApiError> {
         .ok_or_else(|| ApiError::Internal("application state missing".into()))
 }
 
+/// Resolves the request's tenant and checks that `token` is a valid token of `kind` issued
+/// for that tenant; returns the tenant and the token's subject id.
+async fn verified(
+    state: &AppState,
+    req: &HttpRequest,
+    token: Option<String>,
+    kind: TokenKind,
+) -> Result<(Tenant, i64), ApiError> {
+    let tenant = Tenant::of(state, req).await?;
+    let token = token.ok_or(ApiError::Unauthenticated)?;
+    let claims = state.tokens.verify(&token).ok_or(ApiError::InvalidToken)?;
+    if claims.tid != tenant.record.id {
+        return Err(ApiError::InvalidToken);
+    }
+    let id = claims.subject(kind).ok_or(ApiError::InvalidToken)?;
+    Ok((tenant, id))
+}
+
 /// Proof that the caller holds the platform key.
 pub struct Operator;
 
@@ -70,15 +88,7 @@ impl AuthAgent {
         req: &HttpRequest,
         token: Option<String>,
     ) -> Result<Self, ApiError> {
-        let tenant = Tenant::of(state, req).await?;
-        let token = token.ok_or(ApiError::Unauthenticated)?;
-        let claims = state.tokens.verify(&token).ok_or(ApiError::InvalidToken)?;
-        if claims.tid != tenant.record.id {
-            return Err(ApiError::InvalidToken);
-        }
-        let id = claims
-            .subject(TokenKind::Agent)
-            .ok_or(ApiError::InvalidToken)?;
+        let (tenant, id) = verified(state, req, token, TokenKind::Agent).await?;
         let agent = agents::find(&tenant.db, id)
             .await?
             .ok_or(ApiError::InvalidToken)?;
@@ -136,15 +146,7 @@ impl AuthVisitor {
         req: &HttpRequest,
         token: Option<String>,
     ) -> Result<Self, ApiError> {
-        let tenant = Tenant::of(state, req).await?;
-        let token = token.ok_or(ApiError::Unauthenticated)?;
-        let claims = state.tokens.verify(&token).ok_or(ApiError::InvalidToken)?;
-        if claims.tid != tenant.record.id {
-            return Err(ApiError::InvalidToken);
-        }
-        let id = claims
-            .subject(TokenKind::Visitor)
-            .ok_or(ApiError::InvalidToken)?;
+        let (tenant, id) = verified(state, req, token, TokenKind::Visitor).await?;
         crate::conversations::store::find_visitor(&tenant.db, id)
             .await
             .map_err(|e| ApiError::Tenancy(e.into()))?
