@@ -40,6 +40,11 @@ use visitor::VisitorActor;
 /// A tenant's key in the registry maps: (tenant id, actor id).
 type Key = (i64, i64);
 
+/// The registered actor under `key` if it is still running.
+fn live<K: Eq + Hash, A: Actor>(map: &DashMap<K, Addr<A>>, key: &K) -> Option<Addr<A>> {
+    map.get(key).filter(|a| a.connected()).map(|a| a.clone())
+}
+
 /// The cloneable handle to the real-time core of this node.
 #[derive(Clone)]
 pub struct Realtime {
@@ -159,6 +164,10 @@ impl Realtime {
     /// The conversation's actor on this node, started if needed.
     pub fn conversation(&self, tenant: &Arc<TenantRecord>, id: i64) -> Addr<ConversationActor> {
         let key = (tenant.id, id);
+        // Read lock first: every message looks its conversation up.
+        if let Some(a) = live(&self.inner.conversations, &key) {
+            return a;
+        }
         let rt = self.clone();
         let t = tenant.clone();
         let arbiter = self.arbiter_for(&("conv", key)).clone();
@@ -178,8 +187,8 @@ impl Realtime {
 
     /// The tenant's queue on this node, started (and rebuilt from storage) if needed.
     pub fn queue(&self, tenant: &Arc<TenantRecord>) -> Addr<QueueActor> {
-        if let Some(a) = self.inner.queues.get(&tenant.id).filter(|a| a.connected()) {
-            return a.clone();
+        if let Some(a) = live(&self.inner.queues, &tenant.id) {
+            return a;
         }
         let rt = self.clone();
         let t = tenant.clone();
@@ -202,6 +211,9 @@ impl Realtime {
     /// The agent's hub, started if needed.
     pub fn agent_hub(&self, tenant: &Arc<TenantRecord>, agent_id: i64) -> Addr<AgentActor> {
         let key = (tenant.id, agent_id);
+        if let Some(a) = live(&self.inner.agents, &key) {
+            return a;
+        }
         let rt = self.clone();
         let t = tenant.clone();
         let arbiter = self.arbiter_for(&("agent", key)).clone();
@@ -219,6 +231,9 @@ impl Realtime {
     /// The visitor's hub, started if needed.
     pub fn visitor_hub(&self, tenant: &Arc<TenantRecord>, visitor_id: i64) -> Addr<VisitorActor> {
         let key = (tenant.id, visitor_id);
+        if let Some(a) = live(&self.inner.visitors, &key) {
+            return a;
+        }
         let rt = self.clone();
         let t = tenant.clone();
         let arbiter = self.arbiter_for(&("visitor", key)).clone();

@@ -637,7 +637,6 @@ impl Handler<Transfer> for QueueActor {
     type Result = ();
 
     fn handle(&mut self, msg: Transfer, ctx: &mut Context<Self>) {
-        tracing::debug!(conversation_id = msg.conversation_id, to = ?msg.to, "transfer");
         let refuse = |origin: &Origin, code: &str, text: &str| {
             origin
                 .conn

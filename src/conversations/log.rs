@@ -105,11 +105,12 @@ pub enum WriteError {
 }
 
 /// Appends a participant's message, or recognises a re-send.
+///
+/// The common path is two statements: the `seq` bump (which also checks that the sender may
+/// write) and the insert. A re-send is recognised by the unique key on `client_msg_id`: the
+/// insert fails, the caller rolls the savepoint back (undoing the bump) and answers with the
+/// first copy ([`find_resend`]).
 pub async fn append(db: &impl ConnectionTrait, m: &NewMessage) -> Result<Written, WriteError> {
-    if let Some(existing) = find_client_msg(db, m.conversation_id, &m.client_msg_id).await? {
-        return same_sender(existing, m.sender);
-    }
-    let before = load(db, m.conversation_id).await?;
     // Only the conversation's visitor (until it closes) or its agent (while active) may write.
     let allowed = match m.sender {
         Participant::Visitor(v) => bump(m.conversation_id)
@@ -120,7 +121,12 @@ pub async fn append(db: &impl ConnectionTrait, m: &NewMessage) -> Result<Written
             .filter(conversation::Column::Status.eq(ConversationStatus::Active.as_str())),
     };
     let Some(conversation) = returning(db, allowed).await? else {
-        return Err(refusal(&before, m.sender));
+        // Refused; but a re-send of a message stored before the conversation closed (or was
+        // transferred) is still answered with its first copy.
+        if let Some(existing) = find_client_msg(db, m.conversation_id, &m.client_msg_id).await? {
+            return same_sender(existing, m.sender);
+        }
+        return Err(refusal(&load(db, m.conversation_id).await?, m.sender));
     };
     let inserted = insert(
         db,
@@ -132,13 +138,12 @@ pub async fn append(db: &impl ConnectionTrait, m: &NewMessage) -> Result<Written
     )
     .await;
     match inserted {
+        // A message changes nothing but `last_seq`: "before" is the same conversation.
         Ok(message) => Ok(Written::Stored {
             message,
+            before: conversation.clone(),
             conversation,
-            before,
         }),
-        // Another node stored this client_msg_id between our check and our insert; the
-        // savepoint is rolled back by the caller, and the first copy answers.
         Err(e) if matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => {
             Err(WriteError::Stale)
         }

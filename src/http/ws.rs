@@ -329,7 +329,6 @@ impl Connection {
             Err(e) => return self.refuse(e.reference.as_ref(), e.code, &e.message),
         };
         let r = reference.as_ref();
-        tracing::debug!(conn = self.conn.id, frame = ?frame, "frame");
         match frame {
             ClientFrame::Ping => self.conn.push(ServerFrame::Pong { reference: r }.encode()),
             ClientFrame::Send {

@@ -85,17 +85,23 @@ impl TenantPools {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<DatabaseConnection, StorageError>>,
     {
-        let slot = self
-            .inner
-            .slots
-            .entry(db_name.to_owned())
-            .or_insert_with(|| {
-                Arc::new(Slot {
-                    conn: OnceCell::new(),
-                    last_used: AtomicU64::new(0),
+        // Read lock first: this runs for every request and every write, and the slot is
+        // almost always there already.
+        let found = self.inner.slots.get(db_name).map(|s| s.clone());
+        let slot = match found {
+            Some(slot) => slot,
+            None => self
+                .inner
+                .slots
+                .entry(db_name.to_owned())
+                .or_insert_with(|| {
+                    Arc::new(Slot {
+                        conn: OnceCell::new(),
+                        last_used: AtomicU64::new(0),
+                    })
                 })
-            })
-            .clone();
+                .clone(),
+        };
         slot.last_used.store(self.inner.now_ms(), Ordering::Relaxed);
         let conn = slot.conn.get_or_try_init(open).await?.clone();
         if self.inner.slots.len() > self.inner.settings.max_open {
