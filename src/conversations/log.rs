@@ -3,11 +3,13 @@
 //! `UPDATE … SET last_seq = last_seq + 1 … RETURNING`: the row lock that statement takes is what
 //! serialises concurrent appends to one conversation, on SQLite and PostgreSQL alike.
 
+use std::collections::HashMap;
+
 use chrono::Utc;
 use entity::tenant::{conversation, message, read_position};
 use sea_orm::sea_query::{Expr, ExprTrait};
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter, Set, SqlErr,
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter, Set,
 };
 use serde_json::json;
 
@@ -104,59 +106,139 @@ pub enum WriteError {
     Unavailable,
 }
 
-/// Appends a participant's message, or recognises a re-send.
+/// Appends messages of distinct conversations in three statements, however many there are:
+/// one query for re-sends, one `UPDATE … RETURNING` that allocates every `seq` (and checks in
+/// the same statement that each sender may write), one multi-row `INSERT`. Under load the
+/// writer hands in whole batches, so the cost per message falls as the load rises.
 ///
-/// The common path is two statements: the `seq` bump (which also checks that the sender may
-/// write) and the insert. A re-send is recognised by the unique key on `client_msg_id`: the
-/// insert fails, the caller rolls the savepoint back (undoing the bump) and answers with the
-/// first copy ([`find_resend`]).
-pub async fn append(db: &impl ConnectionTrait, m: &NewMessage) -> Result<Written, WriteError> {
-    // Only the conversation's visitor (until it closes) or its agent (while active) may write.
-    let allowed = match m.sender {
-        Participant::Visitor(v) => bump(m.conversation_id)
-            .filter(conversation::Column::VisitorId.eq(v))
-            .filter(conversation::Column::Status.ne(ConversationStatus::Closed.as_str())),
-        Participant::Agent(a) => bump(m.conversation_id)
-            .filter(conversation::Column::AgentId.eq(a))
-            .filter(conversation::Column::Status.eq(ConversationStatus::Active.as_str())),
-    };
-    let Some(conversation) = returning(db, allowed).await? else {
-        // Refused; but a re-send of a message stored before the conversation closed (or was
-        // transferred) is still answered with its first copy.
-        if let Some(existing) = find_client_msg(db, m.conversation_id, &m.client_msg_id).await? {
-            return same_sender(existing, m.sender);
-        }
-        return Err(refusal(&load(db, m.conversation_id).await?, m.sender));
-    };
-    let inserted = insert(
-        db,
-        &conversation,
-        &m.client_msg_id,
-        m.sender.kind(),
-        Some(m.sender.id()),
-        m.content.clone(),
-    )
-    .await;
-    match inserted {
-        // A message changes nothing but `last_seq`: "before" is the same conversation.
-        Ok(message) => Ok(Written::Stored {
-            message,
-            before: conversation.clone(),
-            conversation,
-        }),
-        Err(e) if matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => {
-            Err(WriteError::Stale)
-        }
-        Err(e) => Err(e.into()),
-    }
-}
+/// The caller guarantees the conversations are distinct (each conversation actor has at most
+/// one write in flight). An `Err` is a storage failure: the transaction is then unusable and
+/// nothing of the batch may be acknowledged.
+pub async fn append_many(
+    db: &impl ConnectionTrait,
+    msgs: &[&NewMessage],
+) -> Result<Vec<Result<Written, WriteError>>, DbErr> {
+    use conversation::Column as C;
+    use message::Column as M;
+    let mut out: Vec<Option<Result<Written, WriteError>>> = msgs.iter().map(|_| None).collect();
 
-/// Looks a re-send up again after a race (outside the failed savepoint).
-pub async fn find_resend(db: &impl ConnectionTrait, m: &NewMessage) -> Result<Written, WriteError> {
-    match find_client_msg(db, m.conversation_id, &m.client_msg_id).await? {
-        Some(existing) => same_sender(existing, m.sender),
-        None => Err(WriteError::Stale),
+    // Re-sends: answered with the first copy, nothing stored.
+    let mut resent = sea_orm::Condition::any();
+    for m in msgs {
+        resent = resent.add(
+            sea_orm::Condition::all()
+                .add(M::ConversationId.eq(m.conversation_id))
+                .add(M::ClientMsgId.eq(m.client_msg_id.as_str())),
+        );
     }
+    let existing: HashMap<(i64, String), message::Model> = message::Entity::find()
+        .filter(resent)
+        .all(db)
+        .await?
+        .into_iter()
+        .map(|e| ((e.conversation_id, e.client_msg_id.clone()), e))
+        .collect();
+    for (slot, m) in out.iter_mut().zip(msgs) {
+        if let Some(e) = existing.get(&(m.conversation_id, m.client_msg_id.clone())) {
+            *slot = Some(same_sender(e.clone(), m.sender));
+        }
+    }
+
+    // Allocate a seq for every other message. Only the conversation's visitor (until it
+    // closes) or its agent (while active) may write; the rest are simply not updated.
+    let fresh: Vec<usize> = (0..msgs.len()).filter(|&i| out[i].is_none()).collect();
+    if fresh.is_empty() {
+        return Ok(out.into_iter().flatten().collect());
+    }
+    let mut allowed = sea_orm::Condition::any();
+    for &i in &fresh {
+        let m = msgs[i];
+        let one = sea_orm::Condition::all().add(C::Id.eq(m.conversation_id));
+        allowed = allowed.add(match m.sender {
+            Participant::Visitor(v) => one
+                .add(C::VisitorId.eq(v))
+                .add(C::Status.ne(ConversationStatus::Closed.as_str())),
+            Participant::Agent(a) => one
+                .add(C::AgentId.eq(a))
+                .add(C::Status.eq(ConversationStatus::Active.as_str())),
+        });
+    }
+    let bumped: HashMap<i64, conversation::Model> = conversation::Entity::update_many()
+        .col_expr(C::LastSeq, Expr::col(C::LastSeq).add(1))
+        .filter(allowed)
+        .exec_with_returning(db)
+        .await?
+        .into_iter()
+        .map(|c| (c.id, c))
+        .collect();
+
+    // Say why the others were refused (rare: read only then).
+    let refused: Vec<i64> = fresh
+        .iter()
+        .map(|&i| msgs[i].conversation_id)
+        .filter(|id| !bumped.contains_key(id))
+        .collect();
+    if !refused.is_empty() {
+        let found: HashMap<i64, conversation::Model> = conversation::Entity::find()
+            .filter(C::Id.is_in(refused))
+            .all(db)
+            .await?
+            .into_iter()
+            .map(|c| (c.id, c))
+            .collect();
+        for &i in &fresh {
+            let m = msgs[i];
+            if !bumped.contains_key(&m.conversation_id) {
+                out[i] = Some(Err(match found.get(&m.conversation_id) {
+                    None => WriteError::NotFound,
+                    Some(c) => refusal(c, m.sender),
+                }));
+            }
+        }
+    }
+
+    // Store them all in one statement.
+    let now = Utc::now();
+    let rows: Vec<message::ActiveModel> = fresh
+        .iter()
+        .filter_map(|&i| {
+            let m = msgs[i];
+            let conv = bumped.get(&m.conversation_id)?;
+            Some(message::ActiveModel {
+                conversation_id: Set(m.conversation_id),
+                seq: Set(conv.last_seq),
+                client_msg_id: Set(m.client_msg_id.clone()),
+                sender_kind: Set(m.sender.kind().to_owned()),
+                sender_id: Set(Some(m.sender.id())),
+                content: Set(m.content.clone()),
+                created_at: Set(now),
+                ..Default::default()
+            })
+        })
+        .collect();
+    if !rows.is_empty() {
+        let mut inserted: HashMap<i64, message::Model> = message::Entity::insert_many(rows)
+            .exec_with_returning(db)
+            .await?
+            .into_iter()
+            .map(|row| (row.conversation_id, row))
+            .collect();
+        for &i in &fresh {
+            let id = msgs[i].conversation_id;
+            if let (Some(message), Some(conv)) = (inserted.remove(&id), bumped.get(&id)) {
+                // A message changes nothing but `last_seq`: "before" is the same conversation.
+                out[i] = Some(Ok(Written::Stored {
+                    message,
+                    before: conv.clone(),
+                    conversation: conv.clone(),
+                }));
+            }
+        }
+    }
+    Ok(out
+        .into_iter()
+        .map(|r| r.unwrap_or(Err(WriteError::Unavailable)))
+        .collect())
 }
 
 impl Change {
@@ -350,18 +432,6 @@ fn refusal(c: &conversation::Model, sender: Participant) -> WriteError {
     } else {
         WriteError::NotParticipant
     }
-}
-
-async fn find_client_msg(
-    db: &impl ConnectionTrait,
-    conversation_id: i64,
-    client_msg_id: &str,
-) -> Result<Option<message::Model>, DbErr> {
-    message::Entity::find()
-        .filter(message::Column::ConversationId.eq(conversation_id))
-        .filter(message::Column::ClientMsgId.eq(client_msg_id))
-        .one(db)
-        .await
 }
 
 fn same_sender(existing: message::Model, sender: Participant) -> Result<Written, WriteError> {

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use dashmap::DashMap;
-use sea_orm::{DatabaseConnection, TransactionSession, TransactionTrait};
+use sea_orm::{DatabaseConnection, TransactionSession};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::conversations::Participant;
@@ -148,41 +148,61 @@ async fn run(
     tracing::debug!(tenant_id, "conversation writer ended");
 }
 
-/// Runs a batch in one transaction, one savepoint per job, and answers every job after the
-/// commit (or with an error if the commit failed: nothing is acknowledged that is not stored).
+/// Runs a batch in one transaction and answers every job after the commit. Messages (one per
+/// conversation: each conversation actor has one write in flight) are appended together;
+/// changes and read positions follow one by one. Any storage error fails the whole batch and
+/// nothing of it is acknowledged: the transaction rolls back, so no `seq` is left behind.
 async fn write_batch(db: &DatabaseConnection, batch: &mut Vec<Job>) {
     let results = async {
         let txn = crate::storage::begin_write(db).await?;
-        let mut results = Vec::with_capacity(batch.len());
-        for job in batch.iter() {
-            let sp = txn.begin().await?;
+        let mut results: Vec<Option<Result<Written, WriteError>>> =
+            batch.iter().map(|_| None).collect();
+        let messages: Vec<(usize, &NewMessage)> = batch
+            .iter()
+            .enumerate()
+            .filter_map(|(i, job)| match &job.op {
+                WriteOp::Message(m) => Some((i, m)),
+                _ => None,
+            })
+            .collect();
+        let mut ids: Vec<i64> = messages.iter().map(|(_, m)| m.conversation_id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        // Distinct conversations go in one round; should one repeat, one at a time keeps
+        // their order.
+        let rounds: Vec<Vec<(usize, &NewMessage)>> = if ids.len() == messages.len() {
+            vec![messages]
+        } else {
+            messages.into_iter().map(|m| vec![m]).collect()
+        };
+        for round in rounds {
+            let msgs: Vec<&NewMessage> = round.iter().map(|(_, m)| *m).collect();
+            for ((i, _), r) in round.iter().zip(log::append_many(&txn, &msgs).await?) {
+                results[*i] = Some(r);
+            }
+        }
+        for (i, job) in batch.iter().enumerate() {
             let result = match &job.op {
-                WriteOp::Message(m) => log::append(&sp, m).await,
-                WriteOp::Change(c) => log::apply(&sp, c).await,
+                WriteOp::Message(_) => continue,
+                WriteOp::Change(c) => log::apply(&txn, c).await,
                 WriteOp::Read {
                     conversation_id,
                     reader,
                     seq,
-                } => log::set_read(&sp, *conversation_id, *reader, *seq).await,
+                } => log::set_read(&txn, *conversation_id, *reader, *seq).await,
             };
-            match result {
-                Ok(written) => {
-                    TransactionSession::commit(sp).await?;
-                    results.push(Ok(written));
-                }
-                Err(e) => {
-                    TransactionSession::rollback(sp).await?;
-                    // A re-send that raced with another writer: answer with the first copy.
-                    let result = match (&job.op, e) {
-                        (WriteOp::Message(m), WriteError::Stale) => log::find_resend(&txn, m).await,
-                        (_, e) => Err(e),
-                    };
-                    results.push(result);
-                }
+            if let Err(WriteError::Storage(e)) = result {
+                return Err(e);
             }
+            results[i] = Some(result);
         }
         TransactionSession::commit(txn).await?;
-        Ok::<_, sea_orm::DbErr>(results)
+        Ok::<_, sea_orm::DbErr>(
+            results
+                .into_iter()
+                .map(|r| r.unwrap_or(Err(WriteError::Unavailable)))
+                .collect::<Vec<_>>(),
+        )
     }
     .await;
     match results {
