@@ -1,4 +1,4 @@
-//! Liveness and readiness, answered on any host.
+//! Liveness, readiness and the demo page, answered on any host.
 
 use actix_web::{HttpResponse, web};
 use serde_json::json;
@@ -24,4 +24,12 @@ pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError
         "node": state.settings.node_id,
         "open_tenant_pools": state.tenants.storage().open_tenant_pools(),
     })))
+}
+
+/// `GET /demo`: a one-page visitor and agent console for trying Kefu in a browser (the
+/// `--demo` tenant). The page is embedded in the binary and uses only the public API.
+pub async fn demo_page() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/html; charset=utf-8")
+        .body(include_str!("demo.html"))
 }

@@ -22,6 +22,7 @@ pub use platform::CreateTenantBody;
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/healthz", web::get().to(health::healthz))
         .route("/readyz", web::get().to(health::readyz))
+        .route("/demo", web::get().to(health::demo_page))
         .service(
             web::scope("/platform/v1")
                 .service(

@@ -54,7 +54,24 @@ async fn unknown_routes_and_methods_get_the_json_error_shape(backend: Backend) {
     .await;
 }
 
+async fn the_demo_page_is_served(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let res = app
+        .call(Method::GET, Some("demo.localhost"), "/demo", None, None)
+        .await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert!(
+        res.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    let page = res.text().await.unwrap();
+    assert!(page.contains("/ws/visitor") && page.contains("/api/v1/visitor/sessions"));
+}
+
 on_both!(
+    the_demo_page_is_served,
     health_and_readiness_answer_on_any_host,
     request_ids_are_echoed_or_made,
     unknown_routes_and_methods_get_the_json_error_shape,
