@@ -15,12 +15,15 @@
 //! - [`conversations`]: conversations and their message log (`seq` allocation, system
 //!   messages for state changes).
 //! - [`protocol`]: the WebSocket frames, parsed and encoded.
-//! - [`actors`]: the real-time core: conversation, agent, visitor and queue actors.
+//! - [`actors`]: the real-time core: conversation, agent, visitor and queue actors, and the
+//!   bus between them.
+//! - [`cluster`]: cluster mode: NATS notices between nodes, queue leases in PostgreSQL.
 //! - [`http`]: routes, the JSON error shape, request ids, the platform and tenant APIs.
 
 pub mod accounts;
 pub mod actors;
 pub mod cli;
+pub mod cluster;
 pub mod conversations;
 pub mod demo;
 pub mod http;

@@ -189,13 +189,19 @@ impl Settings {
                 return bad("KEFU_DATABASE_URL", "is not a valid URL");
             }
         }
-        if let Some(url) = &self.nats_url
-            && url.trim().is_empty()
-        {
-            return bad(
-                "KEFU_NATS_URL",
-                "is empty (leave it unset for a single node)",
-            );
+        if let Some(url) = &self.nats_url {
+            if url.trim().is_empty() {
+                return bad(
+                    "KEFU_NATS_URL",
+                    "is empty (leave it unset for a single node)",
+                );
+            }
+            if self.database_url.is_none() {
+                return bad(
+                    "KEFU_NATS_URL",
+                    "cluster mode needs KEFU_DATABASE_URL=postgres://… too (SQLite files belong to one node)",
+                );
+            }
         }
         if self.node_id.trim().is_empty() || self.node_id.len() > 64 {
             return bad("KEFU_NODE_ID", "must be 1 to 64 characters");

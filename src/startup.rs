@@ -11,6 +11,7 @@ use actix_web::{App, HttpServer, web};
 
 use crate::accounts::TokenKeys;
 use crate::actors::Realtime;
+use crate::cluster::{Cluster, ClusterError};
 use crate::http::{self, BodyLimit};
 use crate::settings::Settings;
 use crate::storage::{Storage, secrets};
@@ -53,11 +54,24 @@ impl Application {
         let threads = settings.workers.unwrap_or_else(|| {
             std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get)
         });
+        let cluster = match &settings.nats_url {
+            None => None,
+            Some(url) => {
+                let platform_url = tenants
+                    .storage()
+                    .platform_url()
+                    .ok_or(ClusterError::NeedsPostgres)?;
+                let cluster = Cluster::connect(url, &settings.node_id, &platform_url).await?;
+                tracing::info!(nats = %url, node = %settings.node_id, "cluster mode");
+                Some(cluster)
+            }
+        };
         let realtime = Realtime::start(
             settings.node_id.clone(),
             settings.realtime.clone(),
             tenants.clone(),
             threads,
+            cluster,
         );
         let state = web::Data::new(AppState {
             tokens: TokenKeys::new(&secrets.jwt_secret, settings.token_ttl_secs),

@@ -9,7 +9,6 @@ use actix::prelude::*;
 
 use super::Realtime;
 use super::conn::{Attach, ConnHandle, Deliver, Detach, fan_out};
-use super::queue;
 use crate::protocol::{AgentStatus, ServerFrame};
 use crate::tenancy::TenantRecord;
 
@@ -64,10 +63,8 @@ impl Handler<Attach> for AgentActor {
         let first = self.conns.is_empty();
         self.conns.push(conn);
         if first {
-            self.rt.queue(&self.tenant).do_send(queue::AgentPresent {
-                agent_id: self.id,
-                status: self.status,
-            });
+            self.rt
+                .agent_presence(&self.tenant, self.id, Some(self.status));
         }
     }
 }
@@ -78,9 +75,7 @@ impl Handler<Detach> for AgentActor {
     fn handle(&mut self, Detach(id): Detach, ctx: &mut Context<Self>) {
         self.conns.retain(|c| c.id != id);
         if self.conns.is_empty() {
-            self.rt
-                .queue(&self.tenant)
-                .do_send(queue::AgentAbsent { agent_id: self.id });
+            self.rt.agent_presence(&self.tenant, self.id, None);
             self.linger = Some(ctx.run_later(LINGER, |act, ctx| {
                 if act.conns.is_empty() {
                     ctx.stop();
@@ -108,12 +103,9 @@ impl Handler<SetStatus> for AgentActor {
 
     fn handle(&mut self, SetStatus(status): SetStatus, _: &mut Context<Self>) {
         self.status = status;
-        self.rt
-            .queue(&self.tenant)
-            .do_send(queue::AgentStatusChanged {
-                agent_id: self.id,
-                status,
-            });
+        if !self.conns.is_empty() {
+            self.rt.agent_presence(&self.tenant, self.id, Some(status));
+        }
         fan_out(&self.conns, &ServerFrame::Status { status }.encode(), None);
     }
 }

@@ -213,6 +213,9 @@ impl Handler<Submit> for ConversationActor {
                             }
                         }
                         act.deliver(written, except);
+                        if let (WriteOp::Change(_), Written::Stored { .. }) = (op, written) {
+                            act.rt.conversation_changed(act.tenant.id, act.id);
+                        }
                         if let WriteOp::Read {
                             conversation_id,
                             reader,
@@ -336,6 +339,19 @@ impl Handler<Typing> for ConversationActor {
                 }
             }),
         )
+    }
+}
+
+/// Another node changed who holds this conversation: what is cached here is stale.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Changed;
+
+impl Handler<Changed> for ConversationActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Changed, _: &mut Context<Self>) {
+        self.participants = None;
     }
 }
 

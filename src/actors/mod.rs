@@ -12,6 +12,12 @@
 //! Actors run on a small pool of arbiters owned by [`Realtime`], so stopping the pool stops
 //! every actor of this server. Connections run on the HTTP workers and talk to actors only
 //! through their addresses and a [`conn::ConnHandle`].
+//!
+//! [`Realtime`] is also the bus. On a single node it delivers to the actors of this process;
+//! in cluster mode ([`crate::cluster`]) it also publishes each frame as a notice for the nodes
+//! hosting the other participants, forwards queue operations to the node holding the
+//! tenant's queue, reports this node's agents to it every second, and takes a queue over
+//! when its lease is free.
 
 pub mod agent;
 pub mod conn;
@@ -21,7 +27,8 @@ pub mod visitor;
 
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use actix::{Actor, Addr, Arbiter, ArbiterHandle, Supervisor};
 use bytestring::ByteString;
@@ -29,16 +36,34 @@ use dashmap::DashMap;
 use sea_orm::DatabaseConnection;
 use tokio_util::sync::CancellationToken;
 
+use crate::cluster::{Cluster, Notice, subject};
+use crate::protocol::AgentStatus;
 use crate::settings::RealtimeSettings;
 use crate::storage::writer::Writers;
 use crate::tenancy::{TenancyError, TenantRecord, Tenants};
 use agent::AgentActor;
 use conversation::ConversationActor;
-use queue::QueueActor;
+use queue::{QueueActor, QueueOp, QueueReply};
 use visitor::VisitorActor;
 
 /// A tenant's key in the registry maps: (tenant id, actor id).
 type Key = (i64, i64);
+
+/// Cluster mode: how often a node reports its agents to each queue, checks its leases and
+/// tries to take over queues nobody runs. Takeover after a node dies needs about one tick.
+const CLUSTER_TICK: Duration = Duration::from_secs(1);
+
+/// Cluster mode: how long a queue operation keeps trying to reach (or become) the queue's
+/// node before the caller is told the queue is unavailable.
+const QUEUE_CALL_DEADLINE: Duration = Duration::from_secs(6);
+
+/// Pause between two tries of a queue operation whose node did not answer.
+const QUEUE_CALL_RETRY: Duration = Duration::from_millis(200);
+
+/// The tenant's queue could not be reached (restarting, or changing nodes).
+#[derive(Debug, thiserror::Error)]
+#[error("the queue is not reachable right now; try again")]
+pub struct QueueUnavailable;
 
 /// The registered actor under `key` if it is still running.
 fn live<K: Eq + Hash, A: Actor>(map: &DashMap<K, Addr<A>>, key: &K) -> Option<Addr<A>> {
@@ -66,6 +91,13 @@ struct Inner {
     /// Visitors with at least one open socket on this node, and how many (the queue asks this
     /// when a conversation joins it, to know whether its visitor is still there).
     visitor_sockets: DashMap<Key, usize>,
+    /// Agents connected to this node and their status: what this node reports to queues.
+    presence: DashMap<Key, AgentStatus>,
+    /// Cluster mode: tenants with actors on this node (their queues must be running
+    /// somewhere; this node reports to them and takes them over when free).
+    active_tenants: DashMap<i64, Arc<TenantRecord>>,
+    /// Cluster mode: NATS and the queue leases. `None` on a single node.
+    cluster: Option<Cluster>,
     /// Where actors run; spread by a hash of their key.
     arbiters: Vec<ArbiterHandle>,
     /// The arbiters themselves, stopped at shutdown.
@@ -83,10 +115,11 @@ impl Realtime {
         settings: RealtimeSettings,
         tenants: Tenants,
         threads: usize,
+        cluster: Option<Cluster>,
     ) -> Self {
         let owned: Vec<Arbiter> = (0..threads.max(1)).map(|_| Arbiter::new()).collect();
         let arbiters = owned.iter().map(Arbiter::handle).collect();
-        Self {
+        let rt = Self {
             inner: Arc::new(Inner {
                 node_id,
                 settings,
@@ -97,12 +130,28 @@ impl Realtime {
                 visitors: DashMap::new(),
                 queues: DashMap::new(),
                 visitor_sockets: DashMap::new(),
+                presence: DashMap::new(),
+                active_tenants: DashMap::new(),
+                cluster,
                 arbiters,
                 owned: Mutex::new(owned),
                 shutdown: CancellationToken::new(),
                 next_conn: AtomicU64::new(1),
             }),
+        };
+        if let Some(c) = &rt.inner.cluster {
+            c.runtime().spawn(cluster_loop(Arc::downgrade(&rt.inner)));
         }
+        rt
+    }
+
+    /// Is this node part of a cluster?
+    pub fn clustered(&self) -> bool {
+        self.inner.cluster.is_some()
+    }
+
+    pub fn cluster(&self) -> Option<&Cluster> {
+        self.inner.cluster.as_ref()
     }
 
     pub fn node_id(&self) -> &str {
@@ -136,6 +185,12 @@ impl Realtime {
     pub async fn shutdown(&self) {
         self.inner.shutdown.cancel();
         self.inner.writers.flush().await;
+        if let Some(c) = &self.inner.cluster {
+            // Given up explicitly so that another node takes the queues over at once.
+            for t in c.leases().held() {
+                c.leases().release(t).await;
+            }
+        }
         self.stop_now();
     }
 
@@ -152,6 +207,9 @@ impl Realtime {
         self.inner.agents.clear();
         self.inner.visitors.clear();
         self.inner.queues.clear();
+        if let Some(c) = &self.inner.cluster {
+            c.close();
+        }
     }
 
     fn arbiter_for(&self, key: &impl Hash) -> &ArbiterHandle {
@@ -159,6 +217,31 @@ impl Realtime {
         key.hash(&mut h);
         let i = (h.finish() as usize) % self.inner.arbiters.len();
         &self.inner.arbiters[i]
+    }
+
+    /// Cluster mode: remembers that this node has actors of `tenant`.
+    fn touch_tenant(&self, tenant: &Arc<TenantRecord>) {
+        if self.inner.cluster.is_some() && !self.inner.active_tenants.contains_key(&tenant.id) {
+            self.inner.active_tenants.insert(tenant.id, tenant.clone());
+        }
+    }
+
+    /// Cluster mode: subscribes `subject` for the hub or actor of `key`, handing each notice
+    /// to `deliver` on this node.
+    fn listen<F>(&self, tenant: &Arc<TenantRecord>, subject: String, deliver: F)
+    where
+        F: Fn(&Realtime, Notice) + Send + 'static,
+    {
+        let Some(c) = &self.inner.cluster else {
+            return;
+        };
+        self.touch_tenant(tenant);
+        let weak = Arc::downgrade(&self.inner);
+        c.listen(tenant.id, subject, move |notice| {
+            if let Some(inner) = weak.upgrade() {
+                deliver(&Realtime { inner }, notice);
+            }
+        });
     }
 
     /// The conversation's actor on this node, started if needed.
@@ -182,30 +265,234 @@ impl Realtime {
                 ConversationActor::new(rt, t, id)
             });
         }
-        entry.clone()
+        let addr = entry.clone();
+        drop(entry);
+        self.listen(
+            tenant,
+            subject::conversation(tenant.id, id),
+            move |rt, n| {
+                if let Some(a) = live(&rt.inner.conversations, &(n.tenant, id)) {
+                    a.do_send(conversation::Changed);
+                }
+            },
+        );
+        addr
     }
 
-    /// The tenant's queue on this node, started (and rebuilt from storage) if needed.
-    pub fn queue(&self, tenant: &Arc<TenantRecord>) -> Addr<QueueActor> {
+    /// Tells the other nodes that a conversation changed hands (their actors for it forget
+    /// what they cached).
+    pub fn conversation_changed(&self, tenant_id: i64, id: i64) {
+        if let Some(c) = &self.inner.cluster {
+            c.publish(
+                tenant_id,
+                subject::conversation(tenant_id, id),
+                bytes::Bytes::from(id.to_string()),
+            );
+        }
+    }
+
+    /// May this node's queue actor for `tenant_id` make decisions? Always on a single node;
+    /// in cluster mode only while this node holds the tenant's lease.
+    pub fn owns_queue(&self, tenant_id: i64) -> bool {
+        self.inner
+            .cluster
+            .as_ref()
+            .is_none_or(|c| c.leases().holds(tenant_id))
+    }
+
+    /// The tenant's queue on this node, started (and rebuilt from storage) if needed. In
+    /// cluster mode only the lease holder calls this.
+    fn local_queue(&self, tenant: &Arc<TenantRecord>) -> Addr<QueueActor> {
         if let Some(a) = live(&self.inner.queues, &tenant.id) {
             return a;
         }
         let rt = self.clone();
         let t = tenant.clone();
         let arbiter = self.arbiter_for(&("queue", tenant.id)).clone();
-        let mut entry = self.inner.queues.entry(tenant.id).or_insert_with(|| {
+        let clustered = self.clustered();
+        // On one node a supervisor restarts a stopped queue in place; in a cluster a queue
+        // stops because its lease is gone, and must stay stopped.
+        let start = move || {
             let (rt, t) = (rt.clone(), t.clone());
-            Supervisor::start_in_arbiter(&arbiter, move |_| QueueActor::new(rt, t))
-        });
+            if clustered {
+                QueueActor::start_in_arbiter(&arbiter, move |_| QueueActor::new(rt, t))
+            } else {
+                Supervisor::start_in_arbiter(&arbiter, move |_| QueueActor::new(rt, t))
+            }
+        };
+        let mut entry = self.inner.queues.entry(tenant.id).or_insert_with(&start);
         if !entry.connected() {
-            *entry = Supervisor::start_in_arbiter(&arbiter, move |_| QueueActor::new(rt, t));
+            *entry = start();
         }
         entry.clone()
     }
 
-    /// The queue if it runs on this node (for notices that matter only to a live queue).
-    pub fn queue_if_running(&self, tenant_id: i64) -> Option<Addr<QueueActor>> {
-        self.inner.queues.get(&tenant_id).map(|a| a.clone())
+    fn forget_queue(&self, tenant_id: i64, addr: &Addr<QueueActor>) {
+        self.inner.queues.remove_if(&tenant_id, |_, a| a == addr);
+    }
+
+    /// Asks the tenant's queue, wherever it runs, and waits for the answer.
+    pub async fn queue_call(
+        &self,
+        tenant: &Arc<TenantRecord>,
+        op: QueueOp,
+    ) -> Result<QueueReply, QueueUnavailable> {
+        let Some(c) = &self.inner.cluster else {
+            return op
+                .ask(&self.local_queue(tenant))
+                .await
+                .map_err(|_| QueueUnavailable);
+        };
+        self.touch_tenant(tenant);
+        let payload = bytes::Bytes::from(serde_json::to_vec(&op).map_err(|_| QueueUnavailable)?);
+        let deadline = tokio::time::Instant::now() + QUEUE_CALL_DEADLINE;
+        loop {
+            if c.leases().holds(tenant.id) {
+                return op
+                    .ask(&self.local_queue(tenant))
+                    .await
+                    .map_err(|_| QueueUnavailable);
+            }
+            match c
+                .request(tenant.id, subject::queue(tenant.id), payload.clone())
+                .await
+            {
+                Ok(answer) => {
+                    return serde_json::from_slice(&answer).map_err(|e| {
+                        tracing::warn!(error = %e, "undecodable queue answer");
+                        QueueUnavailable
+                    });
+                }
+                Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+                    // Nobody runs the queue: take it, if it is really free.
+                    if self.take_queue(tenant).await {
+                        continue;
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "queue request failed; retrying"),
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(QueueUnavailable);
+            }
+            tokio::time::sleep(QUEUE_CALL_RETRY).await;
+        }
+    }
+
+    /// Tells the tenant's queue, wherever it runs, without waiting. Notices from one caller
+    /// arrive in order; a notice lost in cluster mode is corrected by the next heartbeat or
+    /// reconciliation with storage.
+    pub fn queue_tell(&self, tenant: &Arc<TenantRecord>, op: QueueOp) {
+        match &self.inner.cluster {
+            None => {
+                if op.only_if_running() {
+                    if let Some(q) = live(&self.inner.queues, &tenant.id) {
+                        op.tell(&q);
+                    }
+                } else {
+                    op.tell(&self.local_queue(tenant));
+                }
+            }
+            Some(c) => {
+                self.touch_tenant(tenant);
+                if c.leases().holds(tenant.id) {
+                    op.tell(&self.local_queue(tenant));
+                } else if let Ok(payload) = serde_json::to_vec(&op) {
+                    c.publish(tenant.id, subject::queue(tenant.id), payload.into());
+                }
+            }
+        }
+    }
+
+    /// Cluster mode: takes the tenant's queue if its lease is free, then listens for the
+    /// operations other nodes forward. True if this node runs it now.
+    async fn take_queue(&self, tenant: &Arc<TenantRecord>) -> bool {
+        let Some(c) = &self.inner.cluster else {
+            return true;
+        };
+        if !c.leases().try_acquire(tenant.id).await {
+            return false;
+        }
+        if !c.listens_to(&subject::queue(tenant.id)) {
+            tracing::info!(tenant = %tenant.slug, node = %self.node_id(), "this node runs the tenant's queue now");
+        }
+        self.local_queue(tenant);
+        self.listen(tenant, subject::queue(tenant.id), |rt, n| {
+            rt.serve_queue_op(n);
+        });
+        c.ready(&subject::queue(tenant.id)).await;
+        true
+    }
+
+    /// Answers a queue operation forwarded by another node.
+    fn serve_queue_op(&self, n: Notice) {
+        if !self.owns_queue(n.tenant) {
+            // Not ours (any more): no answer, and the asking node retries elsewhere.
+            return;
+        }
+        let Some(queue) = live(&self.inner.queues, &n.tenant) else {
+            return;
+        };
+        let op: QueueOp = match serde_json::from_slice(&n.payload) {
+            Ok(op) => op,
+            Err(e) => {
+                tracing::warn!(error = %e, node = %n.node, "undecodable queue operation dropped");
+                return;
+            }
+        };
+        let trace = n.traceparent.unwrap_or_default();
+        match (op.wants_reply(), n.reply, &self.inner.cluster) {
+            (true, Some(reply), Some(c)) => {
+                let c = c.clone();
+                c.clone().runtime().spawn(async move {
+                    if let Ok(answer) = op.ask(&queue).await
+                        && let Ok(bytes) = serde_json::to_vec(&answer)
+                    {
+                        c.respond(reply, bytes.into());
+                    }
+                });
+            }
+            _ => {
+                tracing::trace!(traceparent = %trace, "queue notice");
+                op.tell(&queue);
+            }
+        }
+    }
+
+    /// An agent connected to this node (`Some` status), changed status, or lost its last
+    /// connection here (`None`): remembered for heartbeats and told to the queue.
+    pub fn agent_presence(
+        &self,
+        tenant: &Arc<TenantRecord>,
+        agent_id: i64,
+        status: Option<AgentStatus>,
+    ) {
+        let key = (tenant.id, agent_id);
+        match status {
+            Some(s) => {
+                self.inner.presence.insert(key, s);
+            }
+            None => {
+                self.inner.presence.remove(&key);
+            }
+        }
+        self.queue_tell(
+            tenant,
+            QueueOp::Presence {
+                node: self.node_id().to_owned(),
+                agent_id,
+                status,
+            },
+        );
+    }
+
+    /// The tenant's agents connected to this node, with their status.
+    pub fn local_presence(&self, tenant_id: i64) -> Vec<(i64, AgentStatus)> {
+        self.inner
+            .presence
+            .iter()
+            .filter(|e| e.key().0 == tenant_id)
+            .map(|e| (e.key().1, *e.value()))
+            .collect()
     }
 
     /// The agent's hub, started if needed.
@@ -225,7 +512,12 @@ impl Realtime {
             *entry =
                 AgentActor::start_in_arbiter(&arbiter, move |_| AgentActor::new(rt, t, agent_id));
         }
-        entry.clone()
+        let addr = entry.clone();
+        drop(entry);
+        self.listen(tenant, subject::agent(tenant.id, agent_id), move |rt, n| {
+            rt.deliver_agent_here(n.tenant, agent_id, n.payload);
+        });
+        addr
     }
 
     /// The visitor's hub, started if needed.
@@ -246,17 +538,72 @@ impl Realtime {
                 VisitorActor::new(rt, t, visitor_id)
             });
         }
-        entry.clone()
+        let addr = entry.clone();
+        drop(entry);
+        self.listen(
+            tenant,
+            subject::visitor(tenant.id, visitor_id),
+            move |rt, n| {
+                rt.deliver_visitor_here(n.tenant, visitor_id, n.payload);
+            },
+        );
+        addr
     }
 
-    /// Delivers a frame to every connection of an agent on this node (none: nothing to do).
+    /// Cluster mode: waits until frames published for this agent (or visitor) reach this
+    /// node, so that a client told "hello" misses nothing sent after it.
+    pub async fn hub_listening(&self, tenant_id: i64, agent: Option<i64>, visitor: Option<i64>) {
+        let Some(c) = &self.inner.cluster else {
+            return;
+        };
+        if let Some(a) = agent {
+            c.ready(&subject::agent(tenant_id, a)).await;
+        }
+        if let Some(v) = visitor {
+            c.ready(&subject::visitor(tenant_id, v)).await;
+        }
+    }
+
+    fn deliver_agent_here(&self, tenant_id: i64, agent_id: i64, frame: bytes::Bytes) {
+        let Ok(frame) = ByteString::try_from(frame) else {
+            return;
+        };
+        if let Some(a) = self.inner.agents.get(&(tenant_id, agent_id)) {
+            a.do_send(conn::Deliver {
+                frame,
+                except: None,
+            });
+        }
+    }
+
+    fn deliver_visitor_here(&self, tenant_id: i64, visitor_id: i64, frame: bytes::Bytes) {
+        let Ok(frame) = ByteString::try_from(frame) else {
+            return;
+        };
+        if let Some(a) = self.inner.visitors.get(&(tenant_id, visitor_id)) {
+            a.do_send(conn::Deliver {
+                frame,
+                except: None,
+            });
+        }
+    }
+
+    /// Delivers a frame to every connection of an agent: on this node directly, and in
+    /// cluster mode also to the node(s) hosting the agent.
     pub fn to_agent(&self, tenant_id: i64, agent_id: i64, frame: ByteString, except: Option<u64>) {
+        if let Some(c) = &self.inner.cluster {
+            c.publish(
+                tenant_id,
+                subject::agent(tenant_id, agent_id),
+                frame.as_bytes().clone(),
+            );
+        }
         if let Some(a) = self.inner.agents.get(&(tenant_id, agent_id)) {
             a.do_send(conn::Deliver { frame, except });
         }
     }
 
-    /// Delivers a frame to every connection (and long-poll) of a visitor on this node.
+    /// Delivers a frame to every connection (and long-poll) of a visitor, wherever they are.
     pub fn to_visitor(
         &self,
         tenant_id: i64,
@@ -264,6 +611,13 @@ impl Realtime {
         frame: ByteString,
         except: Option<u64>,
     ) {
+        if let Some(c) = &self.inner.cluster {
+            c.publish(
+                tenant_id,
+                subject::visitor(tenant_id, visitor_id),
+                frame.as_bytes().clone(),
+            );
+        }
         if let Some(a) = self.inner.visitors.get(&(tenant_id, visitor_id)) {
             a.do_send(conn::Deliver { frame, except });
         }
@@ -289,16 +643,104 @@ impl Realtime {
             .contains_key(&(tenant_id, visitor_id))
     }
 
-    /// Forgets an actor that stopped, unless a successor has taken its place.
+    /// Forgets an actor that stopped, unless a successor has taken its place (and then its
+    /// subscription, which a successor would have kept).
     fn forget_conversation(&self, key: Key, addr: &Addr<ConversationActor>) {
-        self.inner.conversations.remove_if(&key, |_, a| a == addr);
+        if self
+            .inner
+            .conversations
+            .remove_if(&key, |_, a| a == addr)
+            .is_some()
+        {
+            self.unlisten(subject::conversation(key.0, key.1));
+        }
     }
 
     fn forget_agent(&self, key: Key, addr: &Addr<AgentActor>) {
-        self.inner.agents.remove_if(&key, |_, a| a == addr);
+        if self
+            .inner
+            .agents
+            .remove_if(&key, |_, a| a == addr)
+            .is_some()
+        {
+            self.unlisten(subject::agent(key.0, key.1));
+        }
     }
 
     fn forget_visitor(&self, key: Key, addr: &Addr<VisitorActor>) {
-        self.inner.visitors.remove_if(&key, |_, a| a == addr);
+        if self
+            .inner
+            .visitors
+            .remove_if(&key, |_, a| a == addr)
+            .is_some()
+        {
+            self.unlisten(subject::visitor(key.0, key.1));
+        }
+    }
+
+    fn unlisten(&self, subject: String) {
+        if let Some(c) = &self.inner.cluster {
+            c.unlisten(&subject);
+        }
+    }
+}
+
+/// Cluster mode, every [`CLUSTER_TICK`]: drops queues whose lease was lost, takes over
+/// queues nobody runs, reports this node's agents to every queue, and forgets tenants it no
+/// longer hosts anything of.
+async fn cluster_loop(inner: Weak<Inner>) {
+    let mut tick = tokio::time::interval(CLUSTER_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let rt = Realtime { inner };
+        if rt.inner.shutdown.is_cancelled() {
+            return;
+        }
+        let Some(c) = rt.inner.cluster.clone() else {
+            return;
+        };
+        for lost in c.leases().verify().await {
+            tracing::warn!(
+                tenant_id = lost,
+                "queue lease lost; stopping this node's queue"
+            );
+            c.unlisten(&subject::queue(lost));
+            if let Some(q) = rt.inner.queues.get(&lost).map(|q| q.clone()) {
+                q.do_send(queue::Retire);
+            }
+        }
+        let tenants: Vec<Arc<TenantRecord>> = rt
+            .inner
+            .active_tenants
+            .iter()
+            .map(|e| e.value().clone())
+            .collect();
+        for tenant in tenants {
+            let t = tenant.id;
+            let hosts_something = rt.inner.agents.iter().any(|e| e.key().0 == t)
+                || rt.inner.visitors.iter().any(|e| e.key().0 == t)
+                || rt.inner.conversations.iter().any(|e| e.key().0 == t);
+            if !hosts_something && !c.leases().holds(t) {
+                rt.inner.active_tenants.remove(&t);
+                continue;
+            }
+            if !c.leases().holds(t) {
+                rt.take_queue(&tenant).await;
+            }
+            let agents = rt.local_presence(t);
+            if !agents.is_empty() {
+                rt.queue_tell(
+                    &tenant,
+                    QueueOp::Heartbeat {
+                        node: rt.node_id().to_owned(),
+                        agents,
+                    },
+                );
+            }
+        }
     }
 }

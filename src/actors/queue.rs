@@ -14,32 +14,70 @@ use std::time::Duration;
 use actix::prelude::*;
 use chrono::{DateTime, Utc};
 use entity::tenant::conversation;
+use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use super::Realtime;
-use super::conversation::{Origin, change};
+use super::conversation::change;
 use crate::accounts::{agents, teams};
 use crate::conversations::log::{Change, Closer, WriteError, Written};
 use crate::conversations::{ConversationStatus, store};
-use crate::protocol::{AgentRef, AgentStatus, ServerFrame, error_frame};
+use crate::protocol::{AgentRef, AgentStatus, ServerFrame};
 use crate::tenancy::TenantRecord;
 
 /// How often the queue looks for abandoned visitors and retries after a storage failure.
 const TICK: Duration = Duration::from_secs(1);
+
+/// Cluster mode: a node whose presence heartbeat is older than this is taken for dead, and
+/// its agents for disconnected (their grace period starts). Heartbeats come every second.
+pub const PRESENCE_EXPIRY: Duration = Duration::from_secs(5);
+
+/// Cluster mode: how often the queue compares itself with storage. Operations forwarded from
+/// other nodes can be lost (NATS down, a node killed mid-request); storage has every queued
+/// and active conversation, so the queue picks up what it missed within this.
+const RECONCILE: Duration = Duration::from_secs(3);
 
 pub struct QueueActor {
     rt: Realtime,
     tenant: Arc<TenantRecord>,
     /// team id → its queued conversations, head first.
     queues: HashMap<i64, VecDeque<Queued>>,
-    /// Agents present on this node (or within their grace period).
+    /// Agents connected somewhere (or within their grace period).
     agents: HashMap<i64, Presence>,
+    /// node → the agents connected there and their status, with the time of its last report.
+    /// An agent's presence is the union over the nodes (online wins over away).
+    nodes: HashMap<String, NodeReport>,
     /// agent id → the conversations it holds (also for agents not present).
     holding: HashMap<i64, HashSet<i64>>,
     /// Grace timers of agents who lost every connection.
     graces: HashMap<i64, SpawnHandle>,
     /// Conversations closed while queued since this actor started (for the numbers).
     pub abandoned: u64,
+}
+
+/// What the queue needs of a queued conversation (also sent between nodes).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Waiting {
+    pub conversation_id: i64,
+    pub visitor_id: i64,
+    pub team_id: i64,
+    pub queued_at: DateTime<Utc>,
+}
+
+impl From<&conversation::Model> for Waiting {
+    fn from(c: &conversation::Model) -> Self {
+        Self {
+            conversation_id: c.id,
+            visitor_id: c.visitor_id,
+            team_id: c.team_id,
+            queued_at: c.queued_at,
+        }
+    }
+}
+
+struct NodeReport {
+    at: Instant,
+    agents: HashMap<i64, AgentStatus>,
 }
 
 struct Queued {
@@ -56,9 +94,9 @@ struct Queued {
 }
 
 impl Queued {
-    fn from_model(c: &conversation::Model, present: bool) -> Self {
+    fn new(c: &Waiting, present: bool) -> Self {
         Self {
-            conversation_id: c.id,
+            conversation_id: c.conversation_id,
             visitor_id: c.visitor_id,
             team_id: c.team_id,
             queued_at: c.queued_at,
@@ -93,26 +131,38 @@ impl QueueActor {
             tenant,
             queues: HashMap::new(),
             agents: HashMap::new(),
+            nodes: HashMap::new(),
             holding: HashMap::new(),
             graces: HashMap::new(),
             abandoned: 0,
         }
     }
 
-    fn queued(&self, c: &conversation::Model) -> Queued {
-        Queued::from_model(c, self.rt.visitor_present(self.tenant.id, c.visitor_id))
+    fn queued(&self, c: &Waiting) -> Queued {
+        Queued::new(c, self.rt.visitor_present(self.tenant.id, c.visitor_id))
     }
 
     /// Joins a conversation at the back of its team's queue (new arrivals).
-    fn push_back(&mut self, c: &conversation::Model) {
+    fn push_back(&mut self, c: &Waiting) {
         let q = self.queued(c);
         self.queues.entry(c.team_id).or_default().push_back(q);
     }
 
     /// Joins a conversation at the head of its team's queue (returned conversations).
-    fn push_front(&mut self, c: &conversation::Model) {
+    fn push_front(&mut self, c: &Waiting) {
         let q = self.queued(c);
         self.queues.entry(c.team_id).or_default().push_front(q);
+    }
+
+    /// Joins a conversation the queue missed where its `queued_at` puts it.
+    fn insert_in_order(&mut self, c: &Waiting) {
+        let q = self.queued(c);
+        let queue = self.queues.entry(c.team_id).or_default();
+        let at = queue
+            .iter()
+            .position(|e| (e.queued_at, e.conversation_id) > (q.queued_at, q.conversation_id))
+            .unwrap_or(queue.len());
+        queue.insert(at, q);
     }
 
     fn load(&self, agent_id: i64) -> usize {
@@ -161,8 +211,142 @@ impl QueueActor {
         })
     }
 
+    /// Cluster mode: decisions are made only while this node holds the tenant's lease. An
+    /// actor that finds it lost stops at once (the node that took over rebuilt from storage).
+    fn may_decide(&mut self, ctx: &mut Context<Self>) -> bool {
+        let ok = self.rt.owns_queue(self.tenant.id);
+        if !ok {
+            tracing::warn!(tenant = %self.tenant.slug, "queue lease lost; this node stops deciding");
+            ctx.stop();
+        }
+        ok
+    }
+
+    /// What the nodes say about an agent: online anywhere wins over away; none: gone.
+    fn reported(&self, agent_id: i64) -> Option<AgentStatus> {
+        let mut best = None;
+        for r in self.nodes.values() {
+            match r.agents.get(&agent_id) {
+                Some(AgentStatus::Online) => return Some(AgentStatus::Online),
+                Some(AgentStatus::Away) => best = Some(AgentStatus::Away),
+                None => {}
+            }
+        }
+        best
+    }
+
+    /// Brings an agent's presence in line with what the nodes report: arrival (or return
+    /// within the grace period), a status change, or departure (the grace period starts).
+    fn settle(&mut self, agent_id: i64, ctx: &mut Context<Self>) {
+        let now = self.reported(agent_id);
+        let was = self.agents.get(&agent_id).map(|p| p.status);
+        match (now, was) {
+            (Some(s), None | Some(PresenceStatus::Gone)) => {
+                if let Some(h) = self.graces.remove(&agent_id) {
+                    ctx.cancel_future(h);
+                }
+                self.refresh_agent(agent_id, Some(presence_of(s)), ctx);
+            }
+            (Some(s), Some(_)) => {
+                if let Some(p) = self.agents.get_mut(&agent_id)
+                    && p.status != presence_of(s)
+                {
+                    p.status = presence_of(s);
+                    self.pump(ctx);
+                }
+            }
+            (None, None | Some(PresenceStatus::Gone)) => {}
+            (None, Some(_)) => {
+                if let Some(p) = self.agents.get_mut(&agent_id) {
+                    p.status = PresenceStatus::Gone;
+                }
+                if self.load(agent_id) == 0 {
+                    self.agents.remove(&agent_id);
+                } else {
+                    self.start_grace(agent_id, ctx);
+                }
+            }
+        }
+    }
+
+    /// Forgets nodes that stopped reporting (cluster mode): their agents count as gone.
+    fn expire_nodes(&mut self, ctx: &mut Context<Self>) {
+        let me = self.rt.node_id();
+        let dead: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|(n, r)| n.as_str() != me && r.at.elapsed() >= PRESENCE_EXPIRY)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for n in dead {
+            tracing::warn!(node = %n, tenant = %self.tenant.slug, "node silent; its agents count as disconnected");
+            if let Some(r) = self.nodes.remove(&n) {
+                for a in r.agents.keys() {
+                    self.settle(*a, ctx);
+                }
+            }
+        }
+    }
+
+    /// Compares the queue with storage and adopts what storage says (cluster mode).
+    fn reconcile(&mut self, ctx: &mut Context<Self>) {
+        let rt = self.rt.clone();
+        let tenant = self.tenant.clone();
+        let load = async move {
+            let db = rt.db(&tenant).await.ok()?;
+            let queued = store::queued(&db).await.ok()?;
+            let active = store::active(&db).await.ok()?;
+            Some((queued, active))
+        };
+        ctx.wait(load.into_actor(self).map(|loaded, act, ctx| {
+            let Some((queued, active)) = loaded else {
+                return;
+            };
+            let in_storage: HashSet<i64> = queued.iter().map(|c| c.id).collect();
+            for q in act.queues.values_mut() {
+                q.retain(|e| in_storage.contains(&e.conversation_id));
+            }
+            let known: HashSet<i64> = act
+                .queues
+                .values()
+                .flatten()
+                .map(|q| q.conversation_id)
+                .collect();
+            let missed: Vec<Waiting> = queued
+                .iter()
+                .filter(|c| !known.contains(&c.id))
+                .map(Waiting::from)
+                .collect();
+            if !missed.is_empty() {
+                tracing::info!(tenant = %act.tenant.slug, missed = missed.len(), "queue picked up conversations from storage");
+            }
+            for w in &missed {
+                act.insert_in_order(w);
+            }
+            act.holding.clear();
+            for c in &active {
+                if let Some(a) = c.agent_id {
+                    act.holding.entry(a).or_default().insert(c.id);
+                }
+            }
+            let absent: Vec<i64> = act
+                .holding
+                .keys()
+                .copied()
+                .filter(|a| !act.agents.contains_key(a) && !act.graces.contains_key(a))
+                .collect();
+            for a in absent {
+                act.start_grace(a, ctx);
+            }
+            act.pump(ctx);
+        }));
+    }
+
     /// Assigns while there is someone to assign to, one storage write at a time.
     fn pump(&mut self, ctx: &mut Context<Self>) {
+        if !self.may_decide(ctx) {
+            return;
+        }
         let Some((team, agent_id)) = self.pick() else {
             self.announce_positions();
             return;
@@ -290,7 +474,7 @@ impl QueueActor {
         ctx.wait(requeue.into_actor(self).map(|back, act, ctx| {
             // Pushed to the front in reverse, so they keep their original order at the head.
             for c in back.iter().rev() {
-                act.push_front(c);
+                act.push_front(&Waiting::from(c));
             }
             act.pump(ctx);
         }));
@@ -298,6 +482,9 @@ impl QueueActor {
 
     /// Closes queued conversations whose visitor has been gone too long.
     fn abandon_stale(&mut self, ctx: &mut Context<Self>) {
+        if !self.may_decide(ctx) {
+            return;
+        }
         let limit = Duration::from_secs(self.rt.settings().queue_abandon_secs);
         let stale: Vec<i64> = self
             .queues
@@ -389,6 +576,9 @@ impl Actor for QueueActor {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(4096);
+        if !self.may_decide(ctx) {
+            return;
+        }
         let rt = self.rt.clone();
         let tenant = self.tenant.clone();
         let rebuild = async move {
@@ -403,23 +593,47 @@ impl Actor for QueueActor {
                 return;
             };
             for c in &queued {
-                act.push_back(c);
+                act.push_back(&Waiting::from(c));
             }
             for c in &active {
                 if let Some(a) = c.agent_id {
                     act.holding.entry(a).or_default().insert(c.id);
                 }
             }
-            // Agents holding conversations are not connected yet: their grace starts now.
+            // The agents connected to this node are known at once; other nodes report
+            // within a heartbeat.
+            let here = act.rt.local_presence(act.tenant.id);
+            let me = act.rt.node_id().to_owned();
+            act.nodes.insert(
+                me,
+                NodeReport {
+                    at: Instant::now(),
+                    agents: here.iter().copied().collect(),
+                },
+            );
+            for (a, _) in &here {
+                act.settle(*a, ctx);
+            }
+            // Agents holding conversations and not (yet) reported: their grace starts now.
             let holders: Vec<i64> = act.holding.keys().copied().collect();
             for a in holders {
-                if !act.agents.contains_key(&a) {
+                if act.reported(a).is_none() {
                     act.start_grace(a, ctx);
                 }
             }
             tracing::info!(tenant = %act.tenant.slug, queued = queued.len(), active = active.len(), "queue rebuilt");
         }));
-        ctx.run_interval(TICK, |act, ctx| act.abandon_stale(ctx));
+        ctx.run_interval(TICK, |act, ctx| {
+            act.expire_nodes(ctx);
+            act.abandon_stale(ctx);
+        });
+        if self.rt.clustered() {
+            ctx.run_interval(RECONCILE, |act, ctx| act.reconcile(ctx));
+        }
+    }
+
+    fn stopped(&mut self, ctx: &mut Context<Self>) {
+        self.rt.forget_queue(self.tenant.id, &ctx.address());
     }
 }
 
@@ -429,26 +643,24 @@ impl Supervised for QueueActor {
         self.queues.clear();
         self.holding.clear();
         self.graces.clear();
+        self.nodes.clear();
     }
 }
 
 /// A visitor opened a conversation; answers its queue position.
 #[derive(Message)]
 #[rtype(result = "usize")]
-pub struct Enqueue(pub conversation::Model);
+pub struct Enqueue(pub Waiting);
 
 impl Handler<Enqueue> for QueueActor {
     type Result = usize;
 
     fn handle(&mut self, Enqueue(c): Enqueue, ctx: &mut Context<Self>) -> usize {
-        if let Some(p) = self.position(c.id) {
+        if let Some(p) = self.position(c.conversation_id) {
             return p;
         }
-        if ConversationStatus::of(&c) != ConversationStatus::Queued {
-            return 0;
-        }
         self.push_back(&c);
-        let position = self.position(c.id).unwrap_or(0);
+        let position = self.position(c.conversation_id).unwrap_or(0);
         self.pump(ctx);
         position
     }
@@ -467,14 +679,6 @@ impl Handler<Position> for QueueActor {
     }
 }
 
-/// An agent's first connection opened.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct AgentPresent {
-    pub agent_id: i64,
-    pub status: AgentStatus,
-}
-
 fn presence_of(s: AgentStatus) -> PresenceStatus {
     match s {
         AgentStatus::Online => PresenceStatus::Online,
@@ -482,54 +686,61 @@ fn presence_of(s: AgentStatus) -> PresenceStatus {
     }
 }
 
-impl Handler<AgentPresent> for QueueActor {
+/// A node says an agent connected (with its status), changed status, or lost its last
+/// connection there (`None`).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct PresenceChanged {
+    pub node: String,
+    pub agent_id: i64,
+    pub status: Option<AgentStatus>,
+}
+
+impl Handler<PresenceChanged> for QueueActor {
     type Result = ();
 
-    fn handle(&mut self, msg: AgentPresent, ctx: &mut Context<Self>) {
-        if let Some(h) = self.graces.remove(&msg.agent_id) {
-            ctx.cancel_future(h);
-        }
-        self.refresh_agent(msg.agent_id, Some(presence_of(msg.status)), ctx);
+    fn handle(&mut self, msg: PresenceChanged, ctx: &mut Context<Self>) {
+        let report = self.nodes.entry(msg.node).or_insert_with(|| NodeReport {
+            at: Instant::now(),
+            agents: HashMap::new(),
+        });
+        report.at = Instant::now();
+        match msg.status {
+            Some(s) => report.agents.insert(msg.agent_id, s),
+            None => report.agents.remove(&msg.agent_id),
+        };
+        self.settle(msg.agent_id, ctx);
     }
 }
 
-/// An agent's last connection closed: the grace period starts.
+/// A node's periodic report of every agent connected to it (cluster mode): keeps the node
+/// alive in the queue's eyes and corrects anything a lost notice left wrong.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct AgentAbsent {
-    pub agent_id: i64,
+pub struct Heartbeat {
+    pub node: String,
+    pub agents: Vec<(i64, AgentStatus)>,
 }
 
-impl Handler<AgentAbsent> for QueueActor {
+impl Handler<Heartbeat> for QueueActor {
     type Result = ();
 
-    fn handle(&mut self, msg: AgentAbsent, ctx: &mut Context<Self>) {
-        if let Some(p) = self.agents.get_mut(&msg.agent_id) {
-            p.status = PresenceStatus::Gone;
+    fn handle(&mut self, msg: Heartbeat, ctx: &mut Context<Self>) {
+        let agents: HashMap<i64, AgentStatus> = msg.agents.into_iter().collect();
+        let mut affected: HashSet<i64> = agents.keys().copied().collect();
+        let old = self.nodes.insert(
+            msg.node,
+            NodeReport {
+                at: Instant::now(),
+                agents,
+            },
+        );
+        if let Some(old) = old {
+            affected.extend(old.agents.keys());
         }
-        if self.load(msg.agent_id) == 0 {
-            self.agents.remove(&msg.agent_id);
-        } else {
-            self.start_grace(msg.agent_id, ctx);
+        for a in affected {
+            self.settle(a, ctx);
         }
-    }
-}
-
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct AgentStatusChanged {
-    pub agent_id: i64,
-    pub status: AgentStatus,
-}
-
-impl Handler<AgentStatusChanged> for QueueActor {
-    type Result = ();
-
-    fn handle(&mut self, msg: AgentStatusChanged, ctx: &mut Context<Self>) {
-        if let Some(p) = self.agents.get_mut(&msg.agent_id) {
-            p.status = presence_of(msg.status);
-        }
-        self.pump(ctx);
     }
 }
 
@@ -573,32 +784,80 @@ impl Handler<VisitorSeen> for QueueActor {
     }
 }
 
+/// Why the queue refused an operation (sent back to the node that asked).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Refusal {
+    NotFound,
+    Closed,
+    NotParticipant,
+    Stale,
+    AgentUnavailable,
+    UnknownTeam,
+    Unavailable,
+}
+
+impl From<&WriteError> for Refusal {
+    fn from(e: &WriteError) -> Self {
+        match e {
+            WriteError::NotFound => Self::NotFound,
+            WriteError::Closed => Self::Closed,
+            WriteError::NotParticipant => Self::NotParticipant,
+            WriteError::Stale | WriteError::ClientMsgIdReused => Self::Stale,
+            WriteError::Storage(_) | WriteError::Unavailable => Self::Unavailable,
+        }
+    }
+}
+
+impl Refusal {
+    /// The error code and text of the refusal, as frames and HTTP show it.
+    pub fn code_and_text(self) -> (&'static str, String) {
+        match self {
+            Self::AgentUnavailable => (
+                "agent_unavailable",
+                "that agent is not online with free capacity".to_owned(),
+            ),
+            Self::UnknownTeam => ("unknown_team", "no such team".to_owned()),
+            other => super::conversation::write_error_code(&other.as_write_error()),
+        }
+    }
+
+    /// The write error this refusal stands for (transfer-only refusals read as not found).
+    pub fn as_write_error(self) -> WriteError {
+        match self {
+            Self::NotFound | Self::UnknownTeam => WriteError::NotFound,
+            Self::Closed => WriteError::Closed,
+            Self::NotParticipant => WriteError::NotParticipant,
+            Self::Stale | Self::AgentUnavailable => WriteError::Stale,
+            Self::Unavailable => WriteError::Unavailable,
+        }
+    }
+}
+
 /// Close a conversation (visitor leaving, agent finishing).
 #[derive(Message)]
-#[rtype(result = "Result<(), WriteError>")]
+#[rtype(result = "Result<(), Refusal>")]
 pub struct Close {
     pub conversation_id: i64,
     pub by: Closer,
-    pub origin: Option<Origin>,
 }
 
 impl Handler<Close> for QueueActor {
-    type Result = AtomicResponse<Self, Result<(), WriteError>>;
+    type Result = AtomicResponse<Self, Result<(), Refusal>>;
 
     fn handle(&mut self, msg: Close, _: &mut Context<Self>) -> Self::Result {
         let submit = self
             .rt
             .conversation(&self.tenant, msg.conversation_id)
-            .send(super::conversation::Submit {
-                op: crate::storage::writer::WriteOp::Change(Change::Close {
-                    conversation_id: msg.conversation_id,
-                    by: msg.by,
-                }),
-                origin: msg.origin,
-            });
+            .send(change(Change::Close {
+                conversation_id: msg.conversation_id,
+                by: msg.by,
+            }));
         AtomicResponse::new(Box::pin(submit.into_actor(self).map(
             move |res, act, ctx| {
-                let written = res.map_err(|_| WriteError::Unavailable)??;
+                let written = res
+                    .map_err(|_| Refusal::Unavailable)?
+                    .map_err(|e| Refusal::from(&e))?;
                 if let Written::Stored { before, .. } = written {
                     match ConversationStatus::of(&before) {
                         ConversationStatus::Queued => {
@@ -617,7 +876,8 @@ impl Handler<Close> for QueueActor {
 }
 
 /// Where a transfer goes.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum TransferTarget {
     Agent(i64),
     Team(String),
@@ -625,38 +885,29 @@ pub enum TransferTarget {
 
 /// An agent hands a conversation to another agent or back to a team's queue.
 #[derive(Message)]
-#[rtype(result = "()")]
+#[rtype(result = "Result<(), Refusal>")]
 pub struct Transfer {
     pub conversation_id: i64,
     pub from_agent: i64,
     pub to: TransferTarget,
-    pub origin: Origin,
 }
 
 impl Handler<Transfer> for QueueActor {
-    type Result = ();
+    type Result = AtomicResponse<Self, Result<(), Refusal>>;
 
-    fn handle(&mut self, msg: Transfer, ctx: &mut Context<Self>) {
-        let refuse = |origin: &Origin, code: &str, text: &str| {
-            origin
-                .conn
-                .push(error_frame(origin.reference.as_ref(), code, text));
-        };
+    fn handle(&mut self, msg: Transfer, _: &mut Context<Self>) -> Self::Result {
         let id = msg.conversation_id;
         let from = msg.from_agent;
-        match msg.to.clone() {
+        match msg.to {
             TransferTarget::Agent(to) => {
                 let available = to != from
                     && self.agents.get(&to).is_some_and(|p| {
                         p.status == PresenceStatus::Online && self.load(to) < p.max_concurrent
                     });
                 if !available {
-                    refuse(
-                        &msg.origin,
-                        "agent_unavailable",
-                        "that agent is not online with free capacity",
-                    );
-                    return;
+                    return AtomicResponse::new(Box::pin(fut::ready(Err(
+                        Refusal::AgentUnavailable,
+                    ))));
                 }
                 let name = self
                     .agents
@@ -667,61 +918,208 @@ impl Handler<Transfer> for QueueActor {
                 let submit =
                     self.rt
                         .conversation(&self.tenant, id)
-                        .send(super::conversation::Submit {
-                            op: crate::storage::writer::WriteOp::Change(Change::Transfer {
-                                conversation_id: id,
-                                from,
-                                to: AgentRef { id: to, name },
-                            }),
-                            origin: Some(msg.origin),
-                        });
-                ctx.wait(submit.into_actor(self).map(move |res, act, ctx| {
-                    if matches!(res, Ok(Ok(_))) {
-                        act.release(Some(from), id);
-                    } else {
-                        act.release(Some(to), id);
-                    }
-                    act.pump(ctx);
-                }));
+                        .send(change(Change::Transfer {
+                            conversation_id: id,
+                            from,
+                            to: AgentRef { id: to, name },
+                        }));
+                AtomicResponse::new(Box::pin(submit.into_actor(self).map(
+                    move |res, act, ctx| {
+                        let res = match res {
+                            Ok(Ok(_)) => {
+                                act.release(Some(from), id);
+                                Ok(())
+                            }
+                            Ok(Err(e)) => {
+                                act.release(Some(to), id);
+                                Err(Refusal::from(&e))
+                            }
+                            Err(_) => {
+                                act.release(Some(to), id);
+                                Err(Refusal::Unavailable)
+                            }
+                        };
+                        act.pump(ctx);
+                        res
+                    },
+                )))
             }
             TransferTarget::Team(slug) => {
                 let rt = self.rt.clone();
                 let tenant = self.tenant.clone();
-                let origin = msg.origin.clone();
                 let fut = async move {
-                    let db = rt.db(&tenant).await.map_err(|_| WriteError::Unavailable)?;
+                    let db = rt.db(&tenant).await.map_err(|_| Refusal::Unavailable)?;
                     let team = teams::find_by_slug(&db, &slug)
                         .await
-                        .map_err(|_| WriteError::Unavailable)?
-                        .ok_or(WriteError::NotFound)?;
+                        .map_err(|_| Refusal::Unavailable)?
+                        .ok_or(Refusal::UnknownTeam)?;
                     rt.conversation(&tenant, id)
-                        .send(super::conversation::Submit {
-                            op: crate::storage::writer::WriteOp::Change(Change::Requeue {
-                                conversation_id: id,
-                                from,
-                                to_team: Some((team.id, team.slug)),
-                                reason: "transfer",
-                            }),
-                            origin: Some(origin),
-                        })
+                        .send(change(Change::Requeue {
+                            conversation_id: id,
+                            from,
+                            to_team: Some((team.id, team.slug)),
+                            reason: "transfer",
+                        }))
                         .await
-                        .map_err(|_| WriteError::Unavailable)?
+                        .map_err(|_| Refusal::Unavailable)?
+                        .map_err(|e| Refusal::from(&e))
                 };
-                ctx.wait(fut.into_actor(self).map(move |res, act, ctx| {
-                    match res {
+                AtomicResponse::new(Box::pin(fut.into_actor(self).map(move |res, act, ctx| {
+                    let res = match res {
                         Ok(Written::Stored { conversation, .. }) => {
                             act.release(Some(from), id);
-                            act.push_front(&conversation);
+                            act.push_front(&Waiting::from(&conversation));
+                            Ok(())
                         }
-                        Err(WriteError::NotFound) => {
-                            refuse(&msg.origin, "unknown_team", "no such team");
-                        }
-                        // Other refusals were answered by the conversation actor.
-                        _ => {}
-                    }
+                        Ok(_) => Ok(()),
+                        Err(r) => Err(r),
+                    };
                     act.pump(ctx);
-                }));
+                    res
+                })))
             }
         }
+    }
+}
+
+/// Stops the queue on this node (its lease was lost or given up).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Retire;
+
+impl Handler<Retire> for QueueActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Retire, ctx: &mut Context<Self>) {
+        ctx.stop();
+    }
+}
+
+/// A queue operation as it travels between nodes (and is dispatched locally).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum QueueOp {
+    Enqueue(Waiting),
+    Position {
+        conversation_id: i64,
+    },
+    Close {
+        conversation_id: i64,
+        by: Closer,
+    },
+    Transfer {
+        conversation_id: i64,
+        from_agent: i64,
+        to: TransferTarget,
+    },
+    AgentChanged {
+        agent_id: i64,
+    },
+    VisitorSeen {
+        visitor_id: i64,
+        present: Option<bool>,
+    },
+    Presence {
+        node: String,
+        agent_id: i64,
+        status: Option<AgentStatus>,
+    },
+    Heartbeat {
+        node: String,
+        agents: Vec<(i64, AgentStatus)>,
+    },
+}
+
+/// The answer to a [`QueueOp`] that wants one.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QueueReply {
+    /// Enqueue (0: not queued) and Position (none: not queued).
+    Position(Option<usize>),
+    Done(Result<(), Refusal>),
+}
+
+impl QueueOp {
+    /// Operations whose caller waits for a [`QueueReply`]; the others are notices.
+    pub fn wants_reply(&self) -> bool {
+        matches!(
+            self,
+            Self::Enqueue(_) | Self::Position { .. } | Self::Close { .. } | Self::Transfer { .. }
+        )
+    }
+
+    /// Notices that only matter to a queue already running (they do not start one).
+    pub fn only_if_running(&self) -> bool {
+        matches!(self, Self::AgentChanged { .. } | Self::VisitorSeen { .. })
+    }
+
+    /// Hands a notice to the local queue actor, in order.
+    pub fn tell(self, queue: &Addr<QueueActor>) {
+        match self {
+            Self::AgentChanged { agent_id } => queue.do_send(AgentChanged { agent_id }),
+            Self::VisitorSeen {
+                visitor_id,
+                present,
+            } => queue.do_send(VisitorSeen {
+                visitor_id,
+                present,
+            }),
+            Self::Presence {
+                node,
+                agent_id,
+                status,
+            } => queue.do_send(PresenceChanged {
+                node,
+                agent_id,
+                status,
+            }),
+            Self::Heartbeat { node, agents } => queue.do_send(Heartbeat { node, agents }),
+            asked => {
+                // Callers route by `wants_reply`; an operation that wants an answer sent as a
+                // notice would lose its answer, so it is asked and the answer dropped.
+                let queue = queue.clone();
+                actix::spawn(async move {
+                    let _ = asked.ask(&queue).await;
+                });
+            }
+        }
+    }
+
+    /// Asks the local queue actor and waits for its answer.
+    pub async fn ask(self, queue: &Addr<QueueActor>) -> Result<QueueReply, MailboxError> {
+        Ok(match self {
+            Self::Enqueue(w) => QueueReply::Position(Some(queue.send(Enqueue(w)).await?)),
+            Self::Position { conversation_id } => {
+                QueueReply::Position(queue.send(Position(conversation_id)).await?)
+            }
+            Self::Close {
+                conversation_id,
+                by,
+            } => QueueReply::Done(
+                queue
+                    .send(Close {
+                        conversation_id,
+                        by,
+                    })
+                    .await?,
+            ),
+            Self::Transfer {
+                conversation_id,
+                from_agent,
+                to,
+            } => QueueReply::Done(
+                queue
+                    .send(Transfer {
+                        conversation_id,
+                        from_agent,
+                        to,
+                    })
+                    .await?,
+            ),
+            notice => {
+                notice.tell(queue);
+                QueueReply::Done(Ok(()))
+            }
+        })
     }
 }

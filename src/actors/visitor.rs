@@ -52,12 +52,13 @@ impl VisitorActor {
     }
 
     fn presence(&self, present: Option<bool>) {
-        if let Some(q) = self.rt.queue_if_running(self.tenant.id) {
-            q.do_send(queue::VisitorSeen {
+        self.rt.queue_tell(
+            &self.tenant,
+            queue::QueueOp::VisitorSeen {
                 visitor_id: self.id,
                 present,
-            });
-        }
+            },
+        );
     }
 }
 

@@ -27,7 +27,7 @@ pub struct NewMessage {
 }
 
 /// Who closes a conversation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Closer {
     Visitor(i64),
     Agent(i64),

@@ -74,9 +74,10 @@ pub async fn get(agent: AuthAgent, id: web::Path<i64>) -> Result<HttpResponse, A
 /// Capacity, teams or existence changed: a running queue re-reads the agent (and may assign
 /// at once when capacity grew).
 fn notify_queue(state: &AppState, agent: &AuthAgent, agent_id: i64) {
-    if let Some(q) = state.realtime.queue_if_running(agent.tenant.record.id) {
-        q.do_send(queue::AgentChanged { agent_id });
-    }
+    state.realtime.queue_tell(
+        &agent.tenant.record,
+        queue::QueueOp::AgentChanged { agent_id },
+    );
 }
 
 /// `PATCH /api/v1/agents/{id}`

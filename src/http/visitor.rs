@@ -94,12 +94,19 @@ pub async fn open_conversation(
     let (conv, created) = store::open_conversation(db, visitor.id, team.id)
         .await
         .map_err(db_err)?;
-    let queue = state.realtime.queue(&visitor.tenant.record);
     let position = match ConversationStatus::of(&conv) {
-        ConversationStatus::Queued => queue
-            .send(queue::Enqueue(conv.clone()))
+        ConversationStatus::Queued => match state
+            .realtime
+            .queue_call(
+                &visitor.tenant.record,
+                queue::QueueOp::Enqueue((&conv).into()),
+            )
             .await
-            .map_err(|_| ApiError::Unavailable("the queue is restarting; try again".into()))?,
+            .map_err(|e| ApiError::Unavailable(e.to_string()))?
+        {
+            queue::QueueReply::Position(p) => p.unwrap_or(0),
+            queue::QueueReply::Done(_) => 0,
+        },
         _ => 0,
     };
     let body = json!({
@@ -190,6 +197,10 @@ pub async fn events(
         .send(visitor::Wait)
         .await
         .ok();
+    state
+        .realtime
+        .hub_listening(visitor.tenant.record.id, None, Some(visitor.id))
+        .await;
     let mut page = store::messages_after(db, conv.id, after, EVENTS_PER_POLL)
         .await
         .map_err(db_err)?;
@@ -214,13 +225,15 @@ pub async fn events(
             }
         }
     }
-    if let Some(position) = state
+    if let Ok(queue::QueueReply::Position(Some(position))) = state
         .realtime
-        .queue(&visitor.tenant.record)
-        .send(queue::Position(conv.id))
+        .queue_call(
+            &visitor.tenant.record,
+            queue::QueueOp::Position {
+                conversation_id: conv.id,
+            },
+        )
         .await
-        .ok()
-        .flatten()
     {
         events.push(
             ServerFrame::Queue {
@@ -240,17 +253,20 @@ pub async fn close(
     visitor: AuthVisitor,
     id: web::Path<i64>,
 ) -> Result<HttpResponse, ApiError> {
-    state
+    let reply = state
         .realtime
-        .queue(&visitor.tenant.record)
-        .send(queue::Close {
-            conversation_id: *id,
-            by: Closer::Visitor(visitor.id),
-            origin: None,
-        })
+        .queue_call(
+            &visitor.tenant.record,
+            queue::QueueOp::Close {
+                conversation_id: *id,
+                by: Closer::Visitor(visitor.id),
+            },
+        )
         .await
-        .map_err(|_| ApiError::Unavailable("the queue is restarting; try again".into()))?
-        .map_err(write_err)?;
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    if let queue::QueueReply::Done(Err(refusal)) = reply {
+        return Err(write_err(refusal.as_write_error()));
+    }
     Ok(HttpResponse::NoContent().finish())
 }
 

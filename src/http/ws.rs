@@ -293,10 +293,32 @@ impl Connection {
                     .is_ok(),
             };
             if ok {
+                let (agent, visitor) = match self.who {
+                    Who::Agent { id, .. } => (Some(id), None),
+                    Who::Visitor { id } => (None, Some(id)),
+                };
+                self.rt.hub_listening(self.tenant.id, agent, visitor).await;
                 return;
             }
         }
         tracing::warn!("could not attach the connection to its hub");
+    }
+
+    /// Sends a close or transfer to the tenant's queue (wherever it runs) and tells this
+    /// connection if it was refused; success shows as the frames every participant gets.
+    fn ask_queue(&self, reference: Option<Value>, op: queue::QueueOp) {
+        let rt = self.rt.clone();
+        let tenant = self.tenant.clone();
+        let conn = self.conn.clone();
+        actix_web::rt::spawn(async move {
+            let refusal = match rt.queue_call(&tenant, op).await {
+                Ok(queue::QueueReply::Done(Err(r))) => r,
+                Ok(_) => return,
+                Err(_) => queue::Refusal::Unavailable,
+            };
+            let (code, text) = refusal.code_and_text();
+            conn.push(error_frame(reference.as_ref(), code, &text));
+        });
     }
 
     fn detach(&self) {
@@ -395,11 +417,13 @@ impl Connection {
                     Who::Agent { id, .. } => Closer::Agent(id),
                     Who::Visitor { id } => Closer::Visitor(id),
                 };
-                self.rt.queue(&self.tenant).do_send(queue::Close {
-                    conversation_id,
-                    by,
-                    origin: Some(self.origin(reference)),
-                });
+                self.ask_queue(
+                    reference,
+                    queue::QueueOp::Close {
+                        conversation_id,
+                        by,
+                    },
+                );
             }
             ClientFrame::Status { status } => match self.who {
                 Who::Agent { id, .. } => self
@@ -427,12 +451,14 @@ impl Connection {
                         );
                     }
                 };
-                self.rt.queue(&self.tenant).do_send(queue::Transfer {
-                    conversation_id,
-                    from_agent: id,
-                    to,
-                    origin: self.origin(reference),
-                });
+                self.ask_queue(
+                    reference,
+                    queue::QueueOp::Transfer {
+                        conversation_id,
+                        from_agent: id,
+                        to,
+                    },
+                );
             }
         }
     }

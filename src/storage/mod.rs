@@ -152,6 +152,19 @@ impl Storage {
         &self.platform
     }
 
+    /// The platform database's URL on PostgreSQL (cluster mode keeps its queue leases
+    /// there); `None` on SQLite.
+    pub fn platform_url(&self) -> Option<String> {
+        match &self.backend {
+            Backend::Sqlite { .. } => None,
+            Backend::Postgres {
+                server,
+                platform_db,
+                ..
+            } => Some(with_database(server, platform_db)),
+        }
+    }
+
     /// The database name a tenant with this slug gets.
     pub fn tenant_db_name(&self, slug: &str) -> String {
         match &self.backend {
