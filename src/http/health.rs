@@ -19,10 +19,22 @@ pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError
         .ping()
         .await
         .map_err(|e| ApiError::Unavailable(format!("platform storage: {e}")))?;
+    let cluster = match state.realtime.cluster() {
+        None => serde_json::Value::Null,
+        Some(c) => {
+            if !c.connected() {
+                return Err(ApiError::Unavailable(
+                    "the cluster bus (NATS) is not connected".into(),
+                ));
+            }
+            json!({"queues_held": c.leases().held().len(), "subscriptions": c.listening()})
+        }
+    };
     Ok(HttpResponse::Ok().json(json!({
         "status": "ready",
         "node": state.settings.node_id,
         "open_tenant_pools": state.tenants.storage().open_tenant_pools(),
+        "cluster": cluster,
     })))
 }
 

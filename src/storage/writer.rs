@@ -153,7 +153,41 @@ async fn run(
 /// changes and read positions follow one by one. Any storage error fails the whole batch and
 /// nothing of it is acknowledged: the transaction rolls back, so no `seq` is left behind.
 async fn write_batch(db: &DatabaseConnection, batch: &mut Vec<Job>) {
-    let results = async {
+    // Another node may insert the same `client_msg_id` between this batch's re-send lookup
+    // and its insert (cluster mode, PostgreSQL). The unique index refuses it and the batch
+    // rolls back; run it again once, and the lookup then finds that copy and answers it as
+    // a duplicate.
+    let mut results = try_batch(db, batch).await;
+    if let Err(e) = &results
+        && matches!(
+            e.sql_err(),
+            Some(sea_orm::SqlErr::UniqueConstraintViolation(_))
+        )
+    {
+        tracing::debug!("batch raced another writer on a client_msg_id; running it again");
+        results = try_batch(db, batch).await;
+    }
+    match results {
+        Ok(results) => {
+            for (job, result) in batch.drain(..).zip(results) {
+                let _ = job.reply.send(result);
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, jobs = batch.len(), "conversation write failed; nothing acknowledged");
+            for job in batch.drain(..) {
+                let _ = job.reply.send(Err(WriteError::Unavailable));
+            }
+        }
+    }
+}
+
+/// One attempt at a batch: every result, or the storage error that rolled it all back.
+async fn try_batch(
+    db: &DatabaseConnection,
+    batch: &[Job],
+) -> Result<Vec<Result<Written, WriteError>>, sea_orm::DbErr> {
+    async {
         let txn = crate::storage::begin_write(db).await?;
         let mut results: Vec<Option<Result<Written, WriteError>>> =
             batch.iter().map(|_| None).collect();
@@ -204,18 +238,5 @@ async fn write_batch(db: &DatabaseConnection, batch: &mut Vec<Job>) {
                 .collect::<Vec<_>>(),
         )
     }
-    .await;
-    match results {
-        Ok(results) => {
-            for (job, result) in batch.drain(..).zip(results) {
-                let _ = job.reply.send(result);
-            }
-        }
-        Err(e) => {
-            tracing::error!(error = %e, jobs = batch.len(), "conversation write failed; nothing acknowledged");
-            for job in batch.drain(..) {
-                let _ = job.reply.send(Err(WriteError::Unavailable));
-            }
-        }
-    }
+    .await
 }

@@ -1,7 +1,7 @@
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::helpers::{Backend, assert_error, spawn_app};
+use crate::helpers::{Api, Backend, assert_error, spawn_app};
 use crate::on_both;
 
 async fn admin_manages_agents_and_teams(backend: Backend) {

@@ -3,7 +3,7 @@
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::helpers::{Backend, assert_error, spawn_app};
+use crate::helpers::{Api, Backend, assert_error, spawn_app};
 use crate::on_both;
 
 async fn tenant_count(app: &crate::helpers::TestApp) -> usize {

@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::helpers::{Backend, spawn_app};
+use crate::helpers::{Api, Backend, spawn_app};
 use crate::on_both;
 use crate::ws::{Ws, agent_online, assert_gap_free, history, new_visitor, open_conversation};
 

@@ -7,7 +7,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::helpers::{Backend, spawn_app, spawn_app_with};
+use crate::helpers::{Api, Backend, spawn_app, spawn_app_with};
 use crate::on_both;
 use crate::ws::{Ws, agent_online, assert_gap_free, history, new_visitor, open_conversation};
 

@@ -1,6 +1,6 @@
 use reqwest::{Method, StatusCode};
 
-use crate::helpers::{Backend, assert_error, spawn_app};
+use crate::helpers::{Api, Backend, assert_error, spawn_app};
 use crate::on_both;
 
 async fn health_and_readiness_answer_on_any_host(backend: Backend) {

@@ -112,10 +112,6 @@ async fn start(backend: Backend, settings: Settings, data_dir: Arc<tempfile::Tem
 }
 
 impl TestApp {
-    pub fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{}", self.port, path)
-    }
-
     /// Stops the server and starts a new one on the same data.
     pub async fn restart(self) -> TestApp {
         self.stopper.stop().await;
@@ -123,9 +119,22 @@ impl TestApp {
         settings.listen = "127.0.0.1:0".parse().unwrap();
         start(self.backend, settings, self.data_dir.clone()).await
     }
+}
+
+/// What tests do against a server, whether it runs in the test process ([`TestApp`]) or as
+/// a child process (a cluster node).
+#[allow(async_fn_in_trait)]
+pub trait Api {
+    fn port(&self) -> u16;
+    fn client(&self) -> &reqwest::Client;
+    fn platform_key(&self) -> &str;
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.port(), path)
+    }
 
     /// A request with an optional Host, bearer token and JSON body.
-    pub async fn call(
+    async fn call(
         &self,
         method: Method,
         host: Option<&str>,
@@ -133,7 +142,7 @@ impl TestApp {
         token: Option<&str>,
         body: Option<Value>,
     ) -> Response {
-        let mut req = self.client.request(method, self.url(path));
+        let mut req = self.client().request(method, self.url(path));
         if let Some(h) = host {
             req = req.header("Host", h);
         }
@@ -146,13 +155,13 @@ impl TestApp {
         req.send().await.expect("request sent")
     }
 
-    pub async fn platform(&self, method: Method, path: &str, body: Option<Value>) -> Response {
-        let key = self.platform_key.clone();
+    async fn platform(&self, method: Method, path: &str, body: Option<Value>) -> Response {
+        let key = self.platform_key().to_owned();
         self.call(method, None, path, Some(&key), body).await
     }
 
     /// Opens a tenant `<prefix>-<random>` on `<slug>.test` and logs its admin in.
-    pub async fn create_tenant(&self, prefix: &str) -> TestTenant {
+    async fn create_tenant(&self, prefix: &str) -> TestTenant {
         let slug = format!("{prefix}-{}", random_suffix());
         let domain = format!("{slug}.test");
         let password = "correct-horse-battery".to_owned();
@@ -186,7 +195,7 @@ impl TestApp {
         }
     }
 
-    pub async fn login(&self, domain: &str, email: &str, password: &str) -> String {
+    async fn login(&self, domain: &str, email: &str, password: &str) -> String {
         let res = self
             .call(
                 Method::POST,
@@ -202,7 +211,7 @@ impl TestApp {
     }
 
     /// Creates an agent on a tenant and returns its id and token.
-    pub async fn create_agent(&self, t: &TestTenant, email: &str, role: &str) -> (i64, String) {
+    async fn create_agent(&self, t: &TestTenant, email: &str, role: &str) -> (i64, String) {
         let res = self
             .call(
                 Method::POST,
@@ -221,6 +230,18 @@ impl TestApp {
         let body: Value = res.json().await.unwrap();
         let token = self.login(&t.domain, email, "agent-password-1").await;
         (body["id"].as_i64().unwrap(), token)
+    }
+}
+
+impl Api for TestApp {
+    fn port(&self) -> u16 {
+        self.port
+    }
+    fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+    fn platform_key(&self) -> &str {
+        &self.platform_key
     }
 }
 

@@ -3,7 +3,7 @@
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::helpers::{Backend, assert_error, spawn_app};
+use crate::helpers::{Api, Backend, assert_error, spawn_app};
 use crate::on_both;
 
 async fn a_token_of_tenant_a_is_refused_on_tenant_b(backend: Backend) {

@@ -4,7 +4,7 @@
 
 use kefu_loadtest::scenarios::{chat, connections, longpoll, ramp};
 
-use crate::helpers::{Backend, spawn_app};
+use crate::helpers::{Api, Backend, spawn_app};
 
 #[actix_web::test]
 async fn chat_scenario() {

@@ -5,7 +5,7 @@ use std::time::Duration;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::helpers::{Backend, TestApp, TestTenant, spawn_app};
+use crate::helpers::{Api, Backend, TestApp, TestTenant, spawn_app};
 use crate::on_both;
 use crate::ws::{Visitor, Ws, agent_online, new_visitor, open_conversation};
 

@@ -1,7 +1,7 @@
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::helpers::{Backend, assert_error, random_suffix, spawn_app};
+use crate::helpers::{Api, Backend, assert_error, random_suffix, spawn_app};
 use crate::on_both;
 
 fn tenant_body(slug: &str, domains: &[&str]) -> Value {

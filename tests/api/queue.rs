@@ -7,7 +7,7 @@ use std::time::Duration;
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::helpers::{Backend, TestApp, TestTenant, spawn_app, spawn_app_with};
+use crate::helpers::{Api, Backend, TestApp, TestTenant, spawn_app, spawn_app_with};
 use crate::on_both;
 use crate::ws::{Ws, agent_online, new_visitor, open_conversation, set_capacity};
 

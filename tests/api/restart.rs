@@ -1,7 +1,7 @@
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::helpers::{Backend, spawn_app};
+use crate::helpers::{Api, Backend, spawn_app};
 use crate::on_both;
 
 async fn restart_keeps_everything(backend: Backend) {

@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
-use crate::helpers::{TestApp, TestTenant};
+use crate::helpers::{Api, TestTenant};
 
 /// How long a test waits for a frame it expects. Generous: this bounds a failing test, it does
 /// not measure speed.
@@ -25,12 +25,12 @@ pub struct Ws {
 impl Ws {
     /// Connects to `path` (`/ws/agent` or `/ws/visitor`) on the tenant's host with a token.
     pub async fn connect(
-        app: &TestApp,
+        app: &impl Api,
         host: &str,
         path: &str,
         token: &str,
     ) -> Result<Ws, StatusCode> {
-        let mut req = format!("ws://127.0.0.1:{}{}?token={}", app.port, path, token)
+        let mut req = format!("ws://127.0.0.1:{}{}?token={}", app.port(), path, token)
             .into_client_request()
             .unwrap();
         req.headers_mut().insert("Host", host.parse().unwrap());
@@ -148,7 +148,7 @@ pub struct Visitor {
     pub token: String,
 }
 
-pub async fn new_visitor(app: &TestApp, t: &TestTenant) -> Visitor {
+pub async fn new_visitor(app: &impl Api, t: &TestTenant) -> Visitor {
     let res = app
         .call(
             Method::POST,
@@ -168,7 +168,7 @@ pub async fn new_visitor(app: &TestApp, t: &TestTenant) -> Visitor {
 
 /// Opens a conversation for the visitor; returns the response body.
 pub async fn open_conversation(
-    app: &TestApp,
+    app: &impl Api,
     t: &TestTenant,
     v: &Visitor,
     team: Option<&str>,
@@ -189,7 +189,7 @@ pub async fn open_conversation(
 
 /// An agent connected over WebSocket.
 pub async fn agent_online(
-    app: &TestApp,
+    app: &impl Api,
     t: &TestTenant,
     email: &str,
     max_concurrent: i64,
@@ -202,7 +202,7 @@ pub async fn agent_online(
     (id, token, ws)
 }
 
-pub async fn set_capacity(app: &TestApp, t: &TestTenant, agent_id: i64, max_concurrent: i64) {
+pub async fn set_capacity(app: &impl Api, t: &TestTenant, agent_id: i64, max_concurrent: i64) {
     let res = app
         .call(
             Method::PATCH,
@@ -216,7 +216,7 @@ pub async fn set_capacity(app: &TestApp, t: &TestTenant, agent_id: i64, max_conc
 }
 
 /// The stored messages of a conversation, as the admin sees them.
-pub async fn history(app: &TestApp, t: &TestTenant, conversation_id: i64) -> Vec<Value> {
+pub async fn history(app: &impl Api, t: &TestTenant, conversation_id: i64) -> Vec<Value> {
     let mut out = Vec::new();
     let mut after = 0;
     loop {

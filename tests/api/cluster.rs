@@ -1,0 +1,628 @@
+//! Cluster mode over real processes: Kefu nodes as child processes of the test, a NATS server
+//! of the test's own on a free port, and the real PostgreSQL. Nodes are killed with SIGKILL
+//! and the broker is stopped and restarted; nothing acknowledged may be lost or duplicated,
+//! and no conversation may go to two agents.
+
+use std::collections::{HashMap, HashSet};
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::helpers::{Api, TestTenant, postgres_server, random_suffix};
+use crate::ws::{
+    Visitor, Ws, assert_gap_free, history, new_visitor, open_conversation, set_capacity,
+};
+
+/// How long a node may take to come up (migrations on a fresh platform database included).
+const NODE_START: Duration = Duration::from_secs(30);
+
+/// Bounds a wait for the cluster to settle (a takeover, a reconnection). Generous: this
+/// bounds a failing test, it does not measure speed.
+const SETTLE: Duration = Duration::from_secs(20);
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn kill(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A `nats-server` of this test's own, so that stopping it touches no other test.
+struct Nats {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Nats {
+    async fn start() -> Self {
+        let mut nats = Nats {
+            port: free_port(),
+            child: None,
+        };
+        nats.restart().await;
+        nats
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            kill(&mut c);
+        }
+    }
+
+    async fn restart(&mut self) {
+        self.stop();
+        let child = Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server runs (scripts/test installs it)");
+        self.child = Some(child);
+        let deadline = tokio::time::Instant::now() + NODE_START;
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .is_err()
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "nats-server did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// One Kefu process.
+struct Node {
+    name: String,
+    port: u16,
+    child: Child,
+    client: reqwest::Client,
+    platform_key: String,
+    log: PathBuf,
+}
+
+impl Api for Node {
+    fn port(&self) -> u16 {
+        self.port
+    }
+    fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+    fn platform_key(&self) -> &str {
+        &self.platform_key
+    }
+}
+
+impl Node {
+    /// SIGKILL: no goodbye, no flush, no lease released; the kernel closes its sockets.
+    fn kill(&mut self) {
+        kill(&mut self.child);
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        kill(&mut self.child);
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("--- last lines of node {} ---", self.name);
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+/// Nodes sharing one platform database and one NATS server.
+struct TestCluster {
+    /// First, so nodes stop (and show their logs) before their directory goes.
+    nodes: Vec<Node>,
+    nats: Nats,
+    database_url: String,
+    platform_key: String,
+    jwt_secret: String,
+    dir: tempfile::TempDir,
+}
+
+impl TestCluster {
+    async fn start(nodes: usize) -> Self {
+        let mut c = TestCluster {
+            nodes: Vec::new(),
+            nats: Nats::start().await,
+            database_url: format!("{}/kt_{}", postgres_server(), random_suffix()),
+            platform_key: format!("cluster-platform-key-{}", random_suffix()),
+            jwt_secret: format!("cluster-jwt-secret-{}", random_suffix()),
+            dir: tempfile::tempdir().expect("temp dir"),
+        };
+        // One at a time: the first creates and migrates the platform database.
+        for i in 0..nodes {
+            let node = c.spawn_node(&format!("n{}", i + 1)).await;
+            c.nodes.push(node);
+        }
+        c
+    }
+
+    async fn spawn_node(&self, name: &str) -> Node {
+        let port = free_port();
+        let data = self.dir.path().join(name);
+        std::fs::create_dir_all(&data).expect("node dir");
+        let log = data.join("log");
+        let out = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_kefu"))
+            .arg("serve")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("RUST_LOG", "info")
+            .env("KEFU_LISTEN", format!("127.0.0.1:{port}"))
+            .env("KEFU_DATA_DIR", &data)
+            .env("KEFU_DATABASE_URL", &self.database_url)
+            .env("KEFU_NATS_URL", self.nats.url())
+            .env("KEFU_NODE_ID", name)
+            .env("KEFU_PLATFORM_KEY", &self.platform_key)
+            .env("KEFU_JWT_SECRET", &self.jwt_secret)
+            .env("KEFU_WORKERS", "1")
+            .env("KEFU_TENANT_POOLS__CONNECTIONS", "3")
+            .stdout(out.try_clone().expect("log file"))
+            .stderr(out)
+            .spawn()
+            .expect("the kefu binary runs");
+        let node = Node {
+            name: name.to_owned(),
+            port,
+            child,
+            client: reqwest::Client::new(),
+            platform_key: self.platform_key.clone(),
+            log,
+        };
+        let deadline = tokio::time::Instant::now() + NODE_START;
+        loop {
+            if let Ok(r) = node.client.get(node.url("/readyz")).send().await
+                && r.status() == StatusCode::OK
+            {
+                return node;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "node {name} did not become ready; log:\n{}",
+                std::fs::read_to_string(&node.log).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Creates an agent (through `via`) with a capacity, and connects it to `to`.
+async fn agent_on(
+    via: &Node,
+    to: &Node,
+    t: &TestTenant,
+    email: &str,
+    max_concurrent: i64,
+) -> (i64, String, Ws) {
+    let (id, token) = via.create_agent(t, email, "agent").await;
+    set_capacity(via, t, id, max_concurrent).await;
+    let ws = Ws::connect(to, &t.domain, "/ws/agent", &token)
+        .await
+        .unwrap();
+    (id, token, ws)
+}
+
+/// Connects a visitor's socket to `node`.
+async fn visitor_socket(node: &Node, t: &TestTenant, v: &Visitor) -> Ws {
+    Ws::connect(node, &t.domain, "/ws/visitor", &v.token)
+        .await
+        .unwrap()
+}
+
+/// Replays a conversation after `after` on `ws` and returns the messages, up to `synced`.
+async fn sync(ws: &mut Ws, conversation_id: i64, after: i64) -> Vec<Value> {
+    let reference = format!("sync-{}", random_suffix());
+    ws.send(json!({"type": "sync", "ref": reference, "conversation_id": conversation_id, "after_seq": after}))
+        .await;
+    let mut out = Vec::new();
+    loop {
+        let f = ws.recv().await;
+        if f["type"] == "synced" && f["ref"] == reference.as_str() {
+            return out;
+        }
+        if f["type"] == "message" && f["conversation_id"] == conversation_id {
+            out.push(f);
+        }
+    }
+}
+
+/// The system events of a conversation's stored log, by name.
+fn events(log: &[Value]) -> Vec<String> {
+    log.iter()
+        .filter(|m| m["sender"]["kind"] == "system")
+        .filter_map(|m| m["content"]["event"].as_str().map(str::to_owned))
+        .collect()
+}
+
+#[actix_web::test]
+async fn a_conversation_split_across_three_nodes() {
+    let c = TestCluster::start(3).await;
+    let [n1, n2, n3] = &c.nodes[..] else {
+        unreachable!()
+    };
+    let t = n1.create_tenant("clu").await;
+    let (agent_id, _, mut agent) = agent_on(n1, n2, &t, "a@clu.test", 5).await;
+    let v = new_visitor(n3, &t).await;
+    let mut visitor = visitor_socket(n3, &t, &v).await;
+    let opened = open_conversation(n3, &t, &v, None).await;
+    let conv = opened["conversation_id"].as_i64().unwrap();
+
+    // The queue (on whichever node holds it) assigns; both sides hear it across nodes.
+    let assigned = agent.recv_type("assigned").await;
+    assert_eq!(assigned["conversation_id"], conv);
+    visitor.recv_type("assigned").await;
+
+    // Visitor on n3 → agent on n2, and back.
+    let ack = visitor.say(conv, "v-1", "hello from n3").await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    agent.heard("hello from n3").await;
+    let ack = agent.say(conv, "a-1", "hello from n2").await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    visitor.heard("hello from n2").await;
+
+    // Typing crosses too.
+    agent
+        .send(json!({"type": "typing", "conversation_id": conv}))
+        .await;
+    visitor.recv_type("typing").await;
+
+    // A long-poll on n1 gets the agent's next message.
+    let poll = {
+        let url = n1.url(&format!(
+            "/api/v1/visitor/conversations/{conv}/events?after_seq=3&wait=10"
+        ));
+        let req = n1
+            .client()
+            .get(url)
+            .header("Host", &t.domain)
+            .bearer_auth(&v.token);
+        actix_web::rt::spawn(async move { req.send().await.unwrap().json::<Value>().await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    agent.say(conv, "a-2", "to the poller").await;
+    let polled = poll.await.unwrap().unwrap();
+    assert!(
+        polled["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["content"]["text"] == "to the poller"),
+        "{polled}"
+    );
+
+    // Tenant isolation on the bus: a notice on this agent's subject that names another
+    // tenant is dropped by the node.
+    let nats = async_nats::connect(c.nats.url()).await.unwrap();
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Kefu-Node", "intruder");
+    headers.insert("Kefu-Tenant", (t.id + 1000).to_string().as_str());
+    let forged = json!({"type": "message", "conversation_id": conv, "content": {"kind": "text", "text": "forged"}});
+    nats.publish_with_headers(
+        format!("kefu.{}.agent.{agent_id}", t.id),
+        headers,
+        forged.to_string().into(),
+    )
+    .await
+    .unwrap();
+    nats.flush().await.unwrap();
+    agent.silent_for(Duration::from_millis(500)).await;
+
+    let log = history(n1, &t, conv).await;
+    assert_gap_free(&log);
+    assert_eq!(events(&log), ["assigned"]);
+}
+
+#[actix_web::test]
+async fn a_node_killed_mid_conversation_loses_nothing() {
+    let mut c = TestCluster::start(2).await;
+    let t = c.nodes[0].create_tenant("kil").await;
+    let (agent_id, _, mut agent) = agent_on(&c.nodes[0], &c.nodes[1], &t, "a@kil.test", 5).await;
+    let v = new_visitor(&c.nodes[0], &t).await;
+    let mut visitor = visitor_socket(&c.nodes[0], &t, &v).await;
+    let conv = open_conversation(&c.nodes[0], &t, &v, None).await["conversation_id"]
+        .as_i64()
+        .unwrap();
+    agent.recv_type("assigned").await;
+
+    // The visitor sends 20 messages without waiting, and node 1 dies while they go.
+    let mut acked: HashMap<String, i64> = HashMap::new();
+    for i in 0..20 {
+        let id = format!("m-{i}");
+        visitor
+            .send(
+                json!({"type": "send", "ref": id, "conversation_id": conv, "client_msg_id": id,
+                         "content": {"kind": "text", "text": id}}),
+            )
+            .await;
+    }
+    // Some acks arrive before the kill; the rest are unknown to the client.
+    for _ in 0..5 {
+        let f = visitor.recv_type("ack").await;
+        acked.insert(
+            f["client_msg_id"].as_str().unwrap().to_owned(),
+            f["seq"].as_i64().unwrap(),
+        );
+    }
+    c.nodes[0].kill();
+
+    // The visitor reconnects to node 2, resyncs, and re-sends what it has no ack for.
+    let mut visitor = visitor_socket(&c.nodes[1], &t, &v).await;
+    let replay = sync(&mut visitor, conv, 0).await;
+    for id in acked.keys() {
+        assert!(
+            replay.iter().any(|m| m["client_msg_id"] == id.as_str()),
+            "{id} was acknowledged before the kill and comes back by resync"
+        );
+    }
+    for i in 0..20 {
+        let id = format!("m-{i}");
+        if acked.contains_key(&id) {
+            continue;
+        }
+        let ack = visitor.say(conv, &id, &id).await;
+        assert_eq!(ack["type"], "ack", "{ack}");
+        acked.insert(id, ack["seq"].as_i64().unwrap());
+    }
+
+    // Every message exactly once, gap-free, and the conversation still with its agent.
+    let log = history(&c.nodes[1], &t, conv).await;
+    assert_gap_free(&log);
+    let texts: Vec<&str> = log
+        .iter()
+        .filter(|m| m["sender"]["kind"] == "visitor")
+        .map(|m| m["content"]["text"].as_str().unwrap())
+        .collect();
+    let unique: HashSet<&str> = texts.iter().copied().collect();
+    assert_eq!(texts.len(), 20, "{texts:?}");
+    assert_eq!(unique.len(), 20);
+    for (id, seq) in &acked {
+        assert!(
+            log.iter()
+                .any(|m| m["client_msg_id"] == id.as_str() && m["seq"] == *seq),
+            "acked {id} at {seq} is stored there"
+        );
+    }
+    assert_eq!(events(&log), ["assigned"], "never requeued or reassigned");
+    let ack = agent.say(conv, "a-after", "still here").await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    visitor.heard("still here").await;
+
+    // The agent's node dies too: the agent comes back on a fresh node within its grace
+    // period and keeps the conversation.
+    let n3 = c.spawn_node("n3").await;
+    c.nodes[1].kill();
+    let token = n3.login(&t.domain, "a@kil.test", "agent-password-1").await;
+    let mut agent = Ws::connect(&n3, &t.domain, "/ws/agent", &token)
+        .await
+        .unwrap();
+    let mine: Vec<i64> = agent.hello["conversations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["conversation_id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(mine, [conv], "{}", agent.hello);
+    let ack = agent.say(conv, "a-n3", "from n3").await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    let log = history(&n3, &t, conv).await;
+    assert_gap_free(&log);
+    assert_eq!(events(&log), ["assigned"]);
+    assert!(
+        log.iter()
+            .all(|m| m["sender"]["kind"] != "agent" || m["sender"]["id"] == agent_id)
+    );
+}
+
+#[actix_web::test]
+async fn the_queue_moves_when_its_node_dies_and_assigns_each_visitor_once() {
+    let mut c = TestCluster::start(2).await;
+    let t = c.nodes[0].create_tenant("que").await;
+    // Node 1 opens the conversations, so it takes the queue (nobody else has the tenant).
+    let mut visitors = Vec::new();
+    let mut convs = Vec::new();
+    for _ in 0..5 {
+        let v = new_visitor(&c.nodes[0], &t).await;
+        let opened = open_conversation(&c.nodes[0], &t, &v, None).await;
+        assert_eq!(opened["status"], "queued");
+        convs.push(opened["conversation_id"].as_i64().unwrap());
+        visitors.push(v);
+    }
+    // The visitors wait on node 2.
+    let mut sockets = Vec::new();
+    for v in &visitors {
+        sockets.push(visitor_socket(&c.nodes[1], &t, v).await);
+    }
+    c.nodes[0].kill();
+
+    // Node 2 takes the queue over (rebuilt from storage); an agent arrives there.
+    let (agent_id, _, mut agent) = agent_on(&c.nodes[1], &c.nodes[1], &t, "a@que.test", 10).await;
+    let mut assigned = HashSet::new();
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    while assigned.len() < convs.len() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "assigned only {assigned:?}"
+        );
+        let f = agent.recv_type("assigned").await;
+        assert!(
+            assigned.insert(f["conversation_id"].as_i64().unwrap()),
+            "assigned twice: {f}"
+        );
+    }
+    assert_eq!(assigned, convs.iter().copied().collect());
+    for ws in &mut sockets {
+        let f = ws.recv_type("assigned").await;
+        assert_eq!(f["agent"]["id"], agent_id);
+    }
+    for conv in &convs {
+        let log = history(&c.nodes[1], &t, *conv).await;
+        assert_eq!(events(&log), ["assigned"], "conversation {conv}");
+    }
+    agent.silent_for(Duration::from_secs(1)).await;
+}
+
+#[actix_web::test]
+async fn nats_restarts_and_nodes_recover_by_themselves() {
+    let mut c = TestCluster::start(2).await;
+    let t = c.nodes[0].create_tenant("nat").await;
+    let (_, _, mut agent) = agent_on(&c.nodes[0], &c.nodes[1], &t, "a@nat.test", 5).await;
+    let v = new_visitor(&c.nodes[0], &t).await;
+    let mut visitor = visitor_socket(&c.nodes[0], &t, &v).await;
+    let conv = open_conversation(&c.nodes[0], &t, &v, None).await["conversation_id"]
+        .as_i64()
+        .unwrap();
+    agent.recv_type("assigned").await;
+    let ack = visitor.say(conv, "before", "before").await;
+    let before = ack["seq"].as_i64().unwrap();
+    agent.heard("before").await;
+
+    // The broker goes away: sends are still stored and acknowledged.
+    c.nats.stop();
+    let mut during = Vec::new();
+    for i in 0..3 {
+        let ack = visitor
+            .say(conv, &format!("during-{i}"), &format!("during-{i}"))
+            .await;
+        assert_eq!(ack["type"], "ack", "{ack}");
+        during.push(ack["seq"].as_i64().unwrap());
+    }
+
+    // It comes back on the same port; the nodes reconnect and resubscribe by themselves:
+    // new messages cross again.
+    c.nats.restart().await;
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    let mut i = 0;
+    loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no delivery after NATS came back"
+        );
+        i += 1;
+        let text = format!("after-{i}");
+        visitor.say(conv, &text, &text).await;
+        let got = tokio::time::timeout(
+            Duration::from_millis(700),
+            agent.recv_where(|f| f["type"] == "message" && f["content"]["text"] == text.as_str()),
+        )
+        .await;
+        if got.is_ok() {
+            break;
+        }
+    }
+
+    // What was sent meanwhile comes by resync, each exactly once.
+    let replay = sync(&mut agent, conv, before).await;
+    let seqs: Vec<i64> = replay.iter().map(|m| m["seq"].as_i64().unwrap()).collect();
+    for s in &during {
+        assert_eq!(seqs.iter().filter(|x| *x == s).count(), 1, "{seqs:?}");
+    }
+    let log = history(&c.nodes[1], &t, conv).await;
+    assert_gap_free(&log);
+}
+
+#[actix_web::test]
+async fn two_nodes_writing_one_conversation_keep_seq_gap_free() {
+    let c = TestCluster::start(2).await;
+    let [n1, n2] = &c.nodes[..] else {
+        unreachable!()
+    };
+    let t = n1.create_tenant("seq").await;
+    let (_, _, mut agent) = agent_on(n1, n2, &t, "a@seq.test", 5).await;
+    let v = new_visitor(n1, &t).await;
+    let conv = open_conversation(n1, &t, &v, None).await["conversation_id"]
+        .as_i64()
+        .unwrap();
+    agent.recv_type("assigned").await;
+
+    // The visitor on both nodes at once, and the agent, all sending together; each visitor
+    // socket also re-sends some of the other's ids (idempotency across nodes).
+    let mut on1 = visitor_socket(n1, &t, &v).await;
+    let mut on2 = visitor_socket(n2, &t, &v).await;
+    tokio::join!(
+        send_all(&mut on1, conv, "v1", true),
+        send_all(&mut on2, conv, "v2", true),
+        send_all(&mut agent, conv, "ag", false),
+    );
+
+    let log = history(n2, &t, conv).await;
+    assert_gap_free(&log);
+    let ids: Vec<&str> = log
+        .iter()
+        .filter(|m| m["sender"]["kind"] != "system")
+        .map(|m| m["client_msg_id"].as_str().unwrap())
+        .collect();
+    let unique: HashSet<&str> = ids.iter().copied().collect();
+    assert_eq!(ids.len(), unique.len(), "a client_msg_id stored twice");
+    // 3 × 40 sends, of which 2 × 10 share 10 ids.
+    assert_eq!(ids.len(), 3 * N - N / 4, "{ids:?}");
+}
+
+/// Sends per sender in [`two_nodes_writing_one_conversation_keep_seq_gap_free`].
+const N: usize = 40;
+
+/// Sends `N` messages without waiting, then waits for all their acks. With `shared`, every
+/// fourth id is one the other visitor socket sends too.
+async fn send_all(ws: &mut Ws, conv: i64, prefix: &str, shared: bool) {
+    for i in 0..N {
+        let id = if shared && i % 4 == 0 {
+            format!("shared-{i}")
+        } else {
+            format!("{prefix}-{i}")
+        };
+        ws.send(
+            json!({"type": "send", "ref": format!("{prefix}-{i}"), "conversation_id": conv,
+                       "client_msg_id": id, "content": {"kind": "text", "text": id}}),
+        )
+        .await;
+    }
+    let mut acks = 0;
+    while acks < N {
+        let f = ws.recv().await;
+        if f["type"] == "ack" {
+            acks += 1;
+        } else {
+            assert_ne!(f["type"], "error", "{f}");
+        }
+    }
+}
+
+#[actix_web::test]
+async fn cluster_mode_needs_postgres() {
+    let out = Command::new(env!("CARGO_BIN_EXE_kefu"))
+        .arg("serve")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("KEFU_NATS_URL", "nats://127.0.0.1:4222")
+        .env("KEFU_DATA_DIR", tempfile::tempdir().unwrap().path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("KEFU_DATABASE_URL"), "{err}");
+}
