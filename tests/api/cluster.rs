@@ -39,6 +39,8 @@ fn kill(child: &mut Child) {
 /// A `nats-server` of this test's own, so that stopping it touches no other test.
 struct Nats {
     port: u16,
+    /// HTTP monitoring (`/connz?subs=1` lists each connection's subscriptions).
+    monitor: u16,
     child: Option<Child>,
 }
 
@@ -46,6 +48,7 @@ impl Nats {
     async fn start() -> Self {
         let mut nats = Nats {
             port: free_port(),
+            monitor: free_port(),
             child: None,
         };
         nats.restart().await;
@@ -54,6 +57,32 @@ impl Nats {
 
     fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The subjects each node is subscribed to, by node name.
+    async fn subscriptions(&self) -> HashMap<String, HashSet<String>> {
+        let connz: Value = reqwest::get(format!("http://127.0.0.1:{}/connz?subs=1", self.monitor))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let mut out = HashMap::new();
+        for c in connz["connections"].as_array().unwrap() {
+            let Some(name) = c["name"].as_str().and_then(|n| n.strip_prefix("kefu ")) else {
+                continue;
+            };
+            let subs = c["subscriptions_list"]
+                .as_array()
+                .map(|l| {
+                    l.iter()
+                        .filter_map(|s| s.as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.insert(name.to_owned(), subs);
+        }
+        out
     }
 
     fn stop(&mut self) {
@@ -65,7 +94,14 @@ impl Nats {
     async fn restart(&mut self) {
         self.stop();
         let child = Command::new("nats-server")
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-m",
+                &self.monitor.to_string(),
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -143,11 +179,22 @@ struct TestCluster {
     platform_key: String,
     jwt_secret: String,
     dir: tempfile::TempDir,
+    /// Extra settings every node gets.
+    env: Vec<(String, String)>,
 }
 
 impl TestCluster {
     async fn start(nodes: usize) -> Self {
+        Self::start_with(nodes, &[]).await
+    }
+
+    /// Like [`TestCluster::start`], with extra `KEFU_*` settings for every node.
+    async fn start_with(nodes: usize, env: &[(&str, &str)]) -> Self {
         let mut c = TestCluster {
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
             nodes: Vec::new(),
             nats: Nats::start().await,
             database_url: format!("{}/kt_{}", postgres_server(), random_suffix()),
@@ -183,6 +230,7 @@ impl TestCluster {
             .env("KEFU_JWT_SECRET", &self.jwt_secret)
             .env("KEFU_WORKERS", "1")
             .env("KEFU_TENANT_POOLS__CONNECTIONS", "3")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(out.try_clone().expect("log file"))
             .stderr(out)
             .spawn()
@@ -336,6 +384,56 @@ async fn a_conversation_split_across_three_nodes() {
     let log = history(n1, &t, conv).await;
     assert_gap_free(&log);
     assert_eq!(events(&log), ["assigned"]);
+
+    // Each node listens only to the subjects of what it hosts: the agent's subject on n2
+    // (where its hub is), the visitor's on n3 and n1 (socket, long-poll), never elsewhere;
+    // the queue's on exactly one node.
+    let subs = c.nats.subscriptions().await;
+    let agent_subject = format!("kefu.{}.agent.{agent_id}", t.id);
+    let visitor_subject = format!("kefu.{}.visitor.{}", t.id, v.id);
+    let queue_subject = format!("kefu.{}.queue", t.id);
+    assert!(subs["n2"].contains(&agent_subject), "{subs:?}");
+    assert!(!subs["n1"].contains(&agent_subject) && !subs["n3"].contains(&agent_subject));
+    assert!(subs["n3"].contains(&visitor_subject) && !subs["n2"].contains(&visitor_subject));
+    let queue_holders = subs.values().filter(|s| s.contains(&queue_subject)).count();
+    assert_eq!(queue_holders, 1, "{subs:?}");
+    for s in subs.values().flatten() {
+        assert!(
+            s.starts_with(&format!("kefu.{}.", t.id)) || s.starts_with("_INBOX."),
+            "{s}"
+        );
+    }
+}
+
+#[actix_web::test]
+async fn an_agent_whose_node_dies_and_does_not_return_loses_conversations_to_one_other_agent() {
+    // Short grace: the dead node's heartbeat expires (5 s), then 1 s of grace.
+    let mut c = TestCluster::start_with(2, &[("KEFU_REALTIME__AGENT_GRACE_SECS", "1")]).await;
+    let t = c.nodes[0].create_tenant("gon").await;
+    let (_, _, mut gone) = agent_on(&c.nodes[0], &c.nodes[1], &t, "gone@gon.test", 1).await;
+    let v = new_visitor(&c.nodes[0], &t).await;
+    let mut visitor = visitor_socket(&c.nodes[0], &t, &v).await;
+    let conv = open_conversation(&c.nodes[0], &t, &v, None).await["conversation_id"]
+        .as_i64()
+        .unwrap();
+    gone.recv_type("assigned").await;
+    // A second agent, full until the first one's conversation comes back.
+    let (other_id, _, mut other) =
+        agent_on(&c.nodes[0], &c.nodes[0], &t, "other@gon.test", 1).await;
+    c.nodes[1].kill();
+
+    let f = tokio::time::timeout(SETTLE, other.recv_type("assigned"))
+        .await
+        .expect("requeued and assigned after the grace period");
+    assert_eq!(f["conversation_id"], conv);
+    let f = visitor
+        .recv_where(|f| f["type"] == "assigned" && f["agent"]["id"] == other_id)
+        .await;
+    assert_eq!(f["conversation_id"], conv);
+    other.silent_for(Duration::from_secs(1)).await;
+    let log = history(&c.nodes[0], &t, conv).await;
+    assert_gap_free(&log);
+    assert_eq!(events(&log), ["assigned", "requeued", "assigned"]);
 }
 
 #[actix_web::test]
