@@ -16,14 +16,19 @@
 //!   messages for state changes).
 //! - [`protocol`]: the WebSocket frames, parsed and encoded.
 //! - [`actors`]: the real-time core: conversation, agent, visitor and queue actors.
-//! - [`http`]: routes, the JSON error shape, request ids, the platform and tenant APIs.
+//! - [`governance`]: rate limits per tenant, per client IP and per account.
+//! - [`metrics`]: Prometheus metrics and the live numbers behind the dashboards.
+//! - [`http`]: routes, the JSON error shape, request ids, the platform and tenant APIs, the
+//!   dashboards.
 
 pub mod accounts;
 pub mod actors;
 pub mod cli;
 pub mod conversations;
 pub mod demo;
+pub mod governance;
 pub mod http;
+pub mod metrics;
 pub mod protocol;
 pub mod settings;
 pub mod startup;

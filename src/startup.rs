@@ -11,6 +11,7 @@ use actix_web::{App, HttpServer, web};
 
 use crate::accounts::TokenKeys;
 use crate::actors::Realtime;
+use crate::governance::{Limits, limits};
 use crate::http::{self, BodyLimit};
 use crate::settings::Settings;
 use crate::storage::{Storage, secrets};
@@ -30,6 +31,8 @@ pub struct AppState {
     pub platform_key: String,
     /// The real-time core: actors, writers, connections.
     pub realtime: Realtime,
+    /// Rate limits per tenant, client IP and account.
+    pub limits: Limits,
 }
 
 pub struct Application {
@@ -59,7 +62,10 @@ impl Application {
             tenants.clone(),
             threads,
         );
+        let limits = Limits::new(settings.limits.clone());
+        sweep_limits(limits.clone(), realtime.shutdown_token());
         let state = web::Data::new(AppState {
+            limits,
             tokens: TokenKeys::new(&secrets.jwt_secret, settings.token_ttl_secs),
             platform_key: secrets.platform_key,
             tenants,
@@ -152,6 +158,19 @@ impl Stopper {
         self.server.stop(true).await;
         self.realtime.shutdown().await;
     }
+}
+
+/// Drops idle per-IP and per-account buckets now and then, until the server stops.
+fn sweep_limits(limits: Limits, shutdown: tokio_util::sync::CancellationToken) {
+    actix_web::rt::spawn(async move {
+        let mut tick = tokio::time::interval(limits::SWEEP_EVERY);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => limits.sweep(),
+            }
+        }
+    });
 }
 
 async fn wait_for_signal() {

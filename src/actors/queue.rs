@@ -193,6 +193,7 @@ impl QueueActor {
             match res {
                 Ok(Ok(_)) => {
                     tracing::debug!(conversation_id = q.conversation_id, agent_id, "assigned");
+                    crate::metrics::global().queue_waited(&act.tenant.slug, Utc::now() - q.queued_at);
                 }
                 // Closed or gone meanwhile: it simply leaves the queue.
                 Ok(Err(WriteError::Stale | WriteError::Closed | WriteError::NotFound)) => {
@@ -723,5 +724,40 @@ impl Handler<Transfer> for QueueActor {
                 }));
             }
         }
+    }
+}
+
+/// The tenant's live numbers, for `/metrics` and the supervisor dashboard.
+#[derive(Message)]
+#[rtype(result = "crate::metrics::numbers::QueueSnapshot")]
+pub struct Snapshot;
+
+impl Handler<Snapshot> for QueueActor {
+    type Result = MessageResult<Snapshot>;
+
+    fn handle(&mut self, _: Snapshot, _: &mut Context<Self>) -> Self::Result {
+        use crate::metrics::numbers::{AgentPresence, QueueSnapshot};
+        let agents = self
+            .agents
+            .iter()
+            .map(|(id, p)| AgentPresence {
+                id: *id,
+                status: match p.status {
+                    PresenceStatus::Online => "online",
+                    PresenceStatus::Away => "away",
+                    PresenceStatus::Gone => "disconnected",
+                },
+            })
+            .collect();
+        let queues = self
+            .queues
+            .iter()
+            .map(|(team, q)| (*team, (q.len(), q.front().map(|e| e.queued_at))))
+            .collect();
+        MessageResult(QueueSnapshot {
+            agents,
+            queues,
+            abandoned: self.abandoned,
+        })
     }
 }

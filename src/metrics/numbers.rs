@@ -1,0 +1,187 @@
+//! A tenant's live numbers, for `/metrics` and the dashboards: who is online, what waits,
+//! what is being handled. The queue actor knows presence and the queues; storage knows every
+//! open conversation and every agent, so it fills in what the queue does not hold and stands
+//! in for it where no queue runs on this node.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::accounts::{agents, teams};
+use crate::actors::queue::Snapshot;
+use crate::conversations::store;
+use crate::startup::AppState;
+use crate::tenancy::TenantRecord;
+
+/// Every status an agent can be shown with, in display order.
+pub const AGENT_STATUSES: [&str; 4] = ["online", "away", "disconnected", "offline"];
+
+/// What the queue actor reports (`actors::queue::Snapshot`).
+#[derive(Clone, Debug, Default)]
+pub struct QueueSnapshot {
+    pub agents: Vec<AgentPresence>,
+    /// team id → (queued, queued_at of the head).
+    pub queues: HashMap<i64, (usize, Option<DateTime<Utc>>)>,
+    /// Queued conversations closed because the visitor left, since the queue started.
+    pub abandoned: u64,
+}
+
+/// An agent the queue knows: connected, or within its grace period.
+#[derive(Clone, Debug)]
+pub struct AgentPresence {
+    pub id: i64,
+    /// `online`, `away` or `disconnected` (grace period running).
+    pub status: &'static str,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TenantNumbers {
+    pub tenant: String,
+    pub name: String,
+    pub at: DateTime<Utc>,
+    /// A queue for this tenant runs on this node (else presence is unknown here and every
+    /// agent shows as offline).
+    pub live: bool,
+    pub totals: Totals,
+    pub teams: Vec<TeamNumbers>,
+    pub agents: Vec<AgentNumbers>,
+    pub abandoned: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Totals {
+    pub agents_online: usize,
+    pub agents_away: usize,
+    pub queued: usize,
+    pub active: usize,
+    pub oldest_wait_secs: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TeamNumbers {
+    pub slug: String,
+    pub name: String,
+    pub queued: usize,
+    pub active: usize,
+    pub agents_online: usize,
+    pub oldest_wait_secs: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct AgentNumbers {
+    pub id: i64,
+    pub name: String,
+    pub role: String,
+    pub status: &'static str,
+    /// Conversations the agent holds now.
+    pub load: usize,
+    pub max_concurrent: i32,
+    pub teams: Vec<String>,
+}
+
+/// Why the numbers could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum NumbersError {
+    #[error(transparent)]
+    Tenancy(#[from] crate::tenancy::TenancyError),
+    #[error(transparent)]
+    Accounts(#[from] crate::accounts::AccountsError),
+    #[error(transparent)]
+    Db(#[from] sea_orm::DbErr),
+}
+
+/// The numbers of `tenant` now. `start_queue`: start the tenant's queue on this node if it
+/// is not running (the supervisor dashboard does, so presence is known); else only a running
+/// queue is asked.
+pub async fn of_tenant(
+    state: &AppState,
+    tenant: &Arc<TenantRecord>,
+    start_queue: bool,
+) -> Result<TenantNumbers, NumbersError> {
+    let queue = if start_queue {
+        Some(state.realtime.queue(tenant))
+    } else {
+        state.realtime.queue_if_running(tenant.id)
+    };
+    let snapshot = match &queue {
+        Some(q) => q.send(Snapshot).await.ok(),
+        None => None,
+    };
+    let db = state.realtime.db(tenant).await?;
+    let team_list = teams::list(&db).await?;
+    let agent_list = agents::list(&db).await?;
+    let queued = store::queued(&db).await?;
+    let active = store::active(&db).await?;
+    let now = Utc::now();
+    let wait = |at: DateTime<Utc>| (now - at).as_seconds_f64().max(0.0);
+
+    let presence: HashMap<i64, &'static str> = snapshot
+        .as_ref()
+        .map(|s| s.agents.iter().map(|a| (a.id, a.status)).collect())
+        .unwrap_or_default();
+    let mut load: HashMap<i64, usize> = HashMap::new();
+    for c in &active {
+        if let Some(a) = c.agent_id {
+            *load.entry(a).or_default() += 1;
+        }
+    }
+    let agents: Vec<AgentNumbers> = agent_list
+        .into_iter()
+        .map(|a| AgentNumbers {
+            status: presence.get(&a.id).copied().unwrap_or("offline"),
+            load: load.get(&a.id).copied().unwrap_or(0),
+            id: a.id,
+            name: a.name,
+            role: a.role.to_string(),
+            max_concurrent: a.max_concurrent,
+            teams: a.teams,
+        })
+        .collect();
+
+    let teams: Vec<TeamNumbers> = team_list
+        .into_iter()
+        .map(|t| {
+            // The live queue is the truth for what waits; storage where none runs here.
+            let (queued_n, head) = match snapshot.as_ref() {
+                Some(s) => s.queues.get(&t.id).copied().unwrap_or((0, None)),
+                None => {
+                    let mine: Vec<_> = queued.iter().filter(|c| c.team_id == t.id).collect();
+                    (mine.len(), mine.iter().map(|c| c.queued_at).min())
+                }
+            };
+            TeamNumbers {
+                queued: queued_n,
+                active: active.iter().filter(|c| c.team_id == t.id).count(),
+                agents_online: agents
+                    .iter()
+                    .filter(|a| a.status == "online" && a.teams.contains(&t.slug))
+                    .count(),
+                oldest_wait_secs: head.map(wait).unwrap_or(0.0),
+                slug: t.slug,
+                name: t.name,
+            }
+        })
+        .collect();
+    let totals = Totals {
+        agents_online: agents.iter().filter(|a| a.status == "online").count(),
+        agents_away: agents.iter().filter(|a| a.status == "away").count(),
+        queued: teams.iter().map(|t| t.queued).sum(),
+        active: active.len(),
+        oldest_wait_secs: teams
+            .iter()
+            .map(|t| t.oldest_wait_secs)
+            .fold(0.0, f64::max),
+    };
+    Ok(TenantNumbers {
+        tenant: tenant.slug.clone(),
+        name: tenant.name.clone(),
+        at: now,
+        live: snapshot.is_some(),
+        totals,
+        teams,
+        agents,
+        abandoned: snapshot.map_or(0, |s| s.abandoned),
+    })
+}
