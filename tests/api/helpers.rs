@@ -153,7 +153,13 @@ impl TestApp {
 
     /// Opens a tenant `<prefix>-<random>` on `<slug>.test` and logs its admin in.
     pub async fn create_tenant(&self, prefix: &str) -> TestTenant {
-        let slug = format!("{prefix}-{}", random_suffix());
+        self.create_tenant_with_slug(&format!("{prefix}-{}", random_suffix()))
+            .await
+    }
+
+    /// Opens the tenant `slug` on `<slug>.test` and logs its admin in.
+    pub async fn create_tenant_with_slug(&self, slug: &str) -> TestTenant {
+        let slug = slug.to_owned();
         let domain = format!("{slug}.test");
         let password = "correct-horse-battery".to_owned();
         let email = format!("admin@{domain}");

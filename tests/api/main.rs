@@ -10,6 +10,7 @@ mod cli;
 mod frames;
 mod health;
 mod isolation;
+mod limits;
 mod loadtest_smoke;
 mod longpoll;
 mod onboarding;
