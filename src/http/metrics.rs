@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use actix_web::http::header;
 use actix_web::{FromRequest, HttpRequest, HttpResponse, web};
 
 use super::ApiError;
@@ -10,7 +11,8 @@ use crate::metrics::{self, numbers};
 use crate::startup::AppState;
 use crate::tenancy::TenantStatus;
 
-const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+const CLASSIC: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Answered on any host. Needs the platform key as a bearer token unless
 /// `KEFU_METRICS__PUBLIC` is set. Tenant numbers come from the tenants whose queue runs on
@@ -32,7 +34,18 @@ pub async fn metrics(req: HttpRequest, state: web::Data<AppState>) -> Result<Htt
             Err(e) => tracing::warn!(error = %e, "tenant numbers unavailable for /metrics"),
         }
     }
-    Ok(HttpResponse::Ok()
-        .content_type(CONTENT_TYPE)
-        .body(metrics::render(&tenants)))
+    let text = metrics::render(&tenants);
+    // Prometheus asks for OpenMetrics; everything else gets the classic text format.
+    let wants_openmetrics = req
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("application/openmetrics-text"));
+    Ok(if wants_openmetrics {
+        HttpResponse::Ok().content_type(OPENMETRICS).body(text)
+    } else {
+        HttpResponse::Ok()
+            .content_type(CLASSIC)
+            .body(metrics::to_classic_text(&text))
+    })
 }

@@ -261,6 +261,36 @@ pub fn render(tenants: &[TenantNumbers]) -> String {
     out
 }
 
+/// Rewrites OpenMetrics text into the classic Prometheus text format (0.0.4), for scrapers
+/// and tools that do not ask for OpenMetrics (`promtool check metrics`, older Prometheus):
+/// there a counter's HELP and TYPE name the `_total` series itself, and `# UNIT` and
+/// `# EOF` do not exist.
+pub fn to_classic_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| Some((p, line.strip_prefix(p)?)));
+        match meta {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                let suffix = if counters.contains(name) { "_total" } else { "" };
+                out.push_str(&format!("{prefix}{name}{suffix} {tail}"));
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
 /// The state gauges, built fresh for every scrape from the tenants' numbers.
 fn register_numbers(r: &mut Registry, tenants: &[TenantNumbers]) {
     let agents: Family<StatusLabels, Gauge> = Family::default();

@@ -13,6 +13,7 @@ mod isolation;
 mod limits;
 mod loadtest_smoke;
 mod longpoll;
+mod metrics;
 mod onboarding;
 mod queue;
 mod restart;
