@@ -400,12 +400,14 @@ impl Settings {
             .tenants
             .keys()
             .map(|slug| (slug, limits.for_tenant(slug)));
-        for (name, value) in limits.numbers("KEFU_LIMITS__").into_iter().chain(
-            overridden.flat_map(|(slug, l)| {
+        for (name, value) in limits
+            .numbers("KEFU_LIMITS__")
+            .into_iter()
+            .chain(overridden.flat_map(|(slug, l)| {
                 l.numbers(&format!("limits.tenants.{slug}."))
                     .map(|(name, v)| (name.to_lowercase(), v))
-            }),
-        ) {
+            }))
+        {
             if value == 0 {
                 return Err(SettingsError::Setting {
                     setting: "limits",

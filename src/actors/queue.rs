@@ -193,7 +193,8 @@ impl QueueActor {
             match res {
                 Ok(Ok(_)) => {
                     tracing::debug!(conversation_id = q.conversation_id, agent_id, "assigned");
-                    crate::metrics::global().queue_waited(&act.tenant.slug, Utc::now() - q.queued_at);
+                    crate::metrics::global()
+                        .queue_waited(&act.tenant.slug, Utc::now() - q.queued_at);
                 }
                 // Closed or gone meanwhile: it simply leaves the queue.
                 Ok(Err(WriteError::Stale | WriteError::Closed | WriteError::NotFound)) => {

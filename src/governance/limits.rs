@@ -208,7 +208,11 @@ impl Limits {
         let b = self.buckets(tenant);
         self.verdict(&b.slug, Limit::IpLogins, b.ip_logins.check_key(&ip))?;
         let key: String = email.chars().take(MAX_ACCOUNT_KEY).collect();
-        self.verdict(&b.slug, Limit::AccountLogins, b.account_logins.check_key(&key))
+        self.verdict(
+            &b.slug,
+            Limit::AccountLogins,
+            b.account_logins.check_key(&key),
+        )
     }
 
     /// Forgets keyed buckets that are full again (an idle IP or account costs nothing).

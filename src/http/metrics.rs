@@ -17,7 +17,10 @@ const CLASSIC: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// Answered on any host. Needs the platform key as a bearer token unless
 /// `KEFU_METRICS__PUBLIC` is set. Tenant numbers come from the tenants whose queue runs on
 /// this node, so a cluster's nodes add up without counting anything twice.
-pub async fn metrics(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+pub async fn metrics(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     if !state.settings.metrics.public {
         Operator::extract(&req).await?;
     }

@@ -28,7 +28,10 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/metrics", web::get().to(metrics::metrics))
         .route("/dashboard", web::get().to(dashboard::tenant_page))
         .route("/dashboard/stream", web::get().to(dashboard::tenant_stream))
-        .route("/platform/dashboard", web::get().to(dashboard::platform_page))
+        .route(
+            "/platform/dashboard",
+            web::get().to(dashboard::platform_page),
+        )
         .service(
             web::scope("/platform/v1")
                 .service(

@@ -43,7 +43,9 @@ pub async fn create_session(
     body: Option<JsonBody<SessionBody>>,
 ) -> Result<HttpResponse, ApiError> {
     let body = body.map(|b| b.0).unwrap_or_default();
-    state.limits.visitor_session(&tenant.record, state.limits.client_ip(&req))?;
+    state
+        .limits
+        .visitor_session(&tenant.record, state.limits.client_ip(&req))?;
     let known = match &body.visitor_token {
         Some(t) => match state.tokens.verify(t) {
             Some(c) if c.tid == tenant.record.id => match c.subject(TokenKind::Visitor) {
@@ -141,7 +143,11 @@ pub async fn send_message(
     )
     .map_err(|r| ApiError::validation(r.field, r.message))?;
     state.limits.message(&visitor.tenant.record)?;
-    crate::metrics::global().message(&visitor.tenant.record.slug, Channel::LongPoll, Direction::Inbound);
+    crate::metrics::global().message(
+        &visitor.tenant.record.slug,
+        Channel::LongPoll,
+        Direction::Inbound,
+    );
     let op = WriteOp::Message(NewMessage {
         conversation_id: *id,
         client_msg_id: body.client_msg_id,

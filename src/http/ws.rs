@@ -24,11 +24,11 @@ use crate::actors::conn::{Attach, ConnHandle, Detach, Kill};
 use crate::actors::conversation::{Origin, Submit, Typing};
 use crate::actors::{agent, queue};
 use crate::conversations::log::{Closer, NewMessage};
-use crate::governance::{Limit, Limits};
-use crate::metrics::{self, Channel, ConnKind, Direction};
 use crate::conversations::{
     ConversationStatus, ConversationSummary, MessageView, Participant, store,
 };
+use crate::governance::{Limit, Limits};
+use crate::metrics::{self, Channel, ConnKind, Direction};
 use crate::protocol::{ClientContent, ClientFrame, ServerFrame, error_frame, parse_client_frame};
 use crate::startup::AppState;
 use crate::storage::writer::WriteOp;
@@ -368,7 +368,11 @@ impl Connection {
                 if let Err(limited) = self.limits.message(&self.tenant) {
                     return self.refuse(r, "rate_limited", limited.message());
                 }
-                metrics::global().message(&self.tenant.slug, Channel::WebSocket, self.who.direction());
+                metrics::global().message(
+                    &self.tenant.slug,
+                    Channel::WebSocket,
+                    self.who.direction(),
+                );
                 let op = WriteOp::Message(NewMessage {
                     conversation_id,
                     client_msg_id,

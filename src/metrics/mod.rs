@@ -191,11 +191,9 @@ impl Metrics {
 
     /// A connection opened; it counts until the guard is dropped.
     pub fn connection(&self, kind: ConnKind) -> ConnGuard {
-        let gauge = self
-            .connections
-            .get_or_create_owned(&KindLabel {
-                kind: kind.as_str(),
-            });
+        let gauge = self.connections.get_or_create_owned(&KindLabel {
+            kind: kind.as_str(),
+        });
         gauge.inc();
         ConnGuard(gauge)
     }
@@ -281,7 +279,11 @@ pub fn to_classic_text(openmetrics: &str) -> String {
         match meta {
             Some((prefix, rest)) => {
                 let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
-                let suffix = if counters.contains(name) { "_total" } else { "" };
+                let suffix = if counters.contains(name) {
+                    "_total"
+                } else {
+                    ""
+                };
                 out.push_str(&format!("{prefix}{name}{suffix} {tail}"));
             }
             None => out.push_str(line),

@@ -169,10 +169,7 @@ pub async fn of_tenant(
         agents_away: agents.iter().filter(|a| a.status == "away").count(),
         queued: teams.iter().map(|t| t.queued).sum(),
         active: active.len(),
-        oldest_wait_secs: teams
-            .iter()
-            .map(|t| t.oldest_wait_secs)
-            .fold(0.0, f64::max),
+        oldest_wait_secs: teams.iter().map(|t| t.oldest_wait_secs).fold(0.0, f64::max),
     };
     Ok(TenantNumbers {
         tenant: tenant.slug.clone(),

@@ -32,8 +32,14 @@ async fn wait_out(retry_after: u64) {
 }
 
 async fn teams(app: &TestApp, t: &TestTenant) -> Response {
-    app.call(Method::GET, Some(&t.domain), "/api/v1/teams", Some(&t.admin_token), None)
-        .await
+    app.call(
+        Method::GET,
+        Some(&t.domain),
+        "/api/v1/teams",
+        Some(&t.admin_token),
+        None,
+    )
+    .await
 }
 
 on_both!(http_limit_per_tenant);
@@ -239,7 +245,11 @@ async fn messages_per_tenant(backend: Backend) {
     assert_eq!(texts, acked);
 
     wait_out(retry).await;
-    assert_eq!(send("lp-2").await.status(), StatusCode::CREATED, "recovered");
+    assert_eq!(
+        send("lp-2").await.status(),
+        StatusCode::CREATED,
+        "recovered"
+    );
 }
 
 #[actix_web::test]

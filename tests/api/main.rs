@@ -7,6 +7,7 @@ mod agents;
 mod bad_input;
 mod chat;
 mod cli;
+mod dashboard;
 mod frames;
 mod health;
 mod isolation;

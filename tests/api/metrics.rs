@@ -40,17 +40,15 @@ async fn scrape_openmetrics(app: &TestApp) -> String {
 
 /// The value of the sample `name` whose labels include every pair of `labels`.
 fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
-            let matches = n == name
-                && labels
-                    .iter()
-                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
-            matches.then(|| value.parse().ok()).flatten()
-        })
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (series, value) = l.rsplit_once(' ')?;
+        let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+        let matches = n == name
+            && labels
+                .iter()
+                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
+        matches.then(|| value.parse().ok()).flatten()
+    })
 }
 
 #[actix_web::test]
@@ -109,7 +107,13 @@ async fn metrics_follow_activity(backend: crate::helpers::Backend) {
     assert_eq!(res.status(), StatusCode::CREATED);
     // A third session from this address is refused (and counted).
     let res = app
-        .call(Method::POST, Some(&t.domain), "/api/v1/visitor/sessions", None, None)
+        .call(
+            Method::POST,
+            Some(&t.domain),
+            "/api/v1/visitor/sessions",
+            None,
+            None,
+        )
         .await;
     assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
 
@@ -118,7 +122,11 @@ async fn metrics_follow_activity(backend: crate::helpers::Backend) {
         sample(&m, name, labels).unwrap_or_else(|| panic!("no {name} {labels:?} in:\n{m}"))
     };
     assert_eq!(get("kefu_agents", &[tenant, ("status", "online")]), 1.0);
-    assert_eq!(get("kefu_agents", &[tenant, ("status", "offline")]), 1.0, "the admin");
+    assert_eq!(
+        get("kefu_agents", &[tenant, ("status", "offline")]),
+        1.0,
+        "the admin"
+    );
     assert_eq!(
         get("kefu_team_agents", &[tenant, general, ("status", "online")]),
         1.0
@@ -139,7 +147,10 @@ async fn metrics_follow_activity(backend: crate::helpers::Backend) {
     // Four messages plus the assignment went through the conversation actors.
     assert!(get("kefu_message_delivery_seconds_count", &[tenant]) >= 5.0);
     assert_eq!(
-        get("kefu_rate_limited_total", &[tenant, ("limit", "ip_sessions")]),
+        get(
+            "kefu_rate_limited_total",
+            &[tenant, ("limit", "ip_sessions")]
+        ),
         1.0
     );
     assert!(get("kefu_connections", &[("kind", "agent_websocket")]) >= 1.0);
@@ -165,7 +176,10 @@ async fn metrics_follow_activity(backend: crate::helpers::Backend) {
         .await;
     assert_eq!(res.status(), StatusCode::NO_CONTENT);
     let m = scrape(&app).await;
-    assert_eq!(sample(&m, "kefu_visitors_abandoned_total", &[tenant]), Some(1.0));
+    assert_eq!(
+        sample(&m, "kefu_visitors_abandoned_total", &[tenant]),
+        Some(1.0)
+    );
     assert_eq!(
         sample(&m, "kefu_conversations_queued", &[tenant, general]),
         Some(0.0)
@@ -186,7 +200,9 @@ async fn promtool_accepts(text: &str) {
     let mut child = match child {
         Ok(c) => c,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            eprintln!("SKIPPED promtool check: promtool is not installed (scripts/test installs the Debian package prometheus)");
+            eprintln!(
+                "SKIPPED promtool check: promtool is not installed (scripts/test installs the Debian package prometheus)"
+            );
             return;
         }
         Err(e) => panic!("promtool did not start: {e}"),
