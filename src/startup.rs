@@ -13,6 +13,7 @@ use crate::accounts::TokenKeys;
 use crate::actors::Realtime;
 use crate::governance::{Limits, limits};
 use crate::http::{self, BodyLimit};
+use crate::metrics::history::History;
 use crate::settings::Settings;
 use crate::storage::{Storage, secrets};
 use crate::tenancy::Tenants;
@@ -33,6 +34,8 @@ pub struct AppState {
     pub realtime: Realtime,
     /// Rate limits per tenant, client IP and account.
     pub limits: Limits,
+    /// The last minutes of each tenant's numbers, for the dashboard's charts.
+    pub history: History,
 }
 
 pub struct Application {
@@ -66,6 +69,7 @@ impl Application {
         sweep_limits(limits.clone(), realtime.shutdown_token());
         let state = web::Data::new(AppState {
             limits,
+            history: History::default(),
             tokens: TokenKeys::new(&secrets.jwt_secret, settings.token_ttl_secs),
             platform_key: secrets.platform_key,
             tenants,
@@ -73,6 +77,7 @@ impl Application {
             settings: Arc::new(settings),
         });
 
+        History::spawn_sampler(state.clone());
         let listener = TcpListener::bind(state.settings.listen)?;
         let port = listener.local_addr()?.port();
         let limit = state.settings.max_body_bytes;

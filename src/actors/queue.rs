@@ -758,6 +758,7 @@ impl Handler<Snapshot> for QueueActor {
         MessageResult(QueueSnapshot {
             agents,
             queues,
+            active: self.holding.values().map(HashSet::len).sum(),
             abandoned: self.abandoned,
         })
     }

@@ -42,12 +42,21 @@ pub async fn tenant_stream(
     agent.require_oversight()?;
     let tenant = agent.tenant.record;
     let st = state.clone();
+    let mut first = true;
     Ok(events(&state, move || {
         let (state, tenant) = (st.clone(), tenant.clone());
+        // The first event carries the last minutes, so the charts start filled.
+        let history = std::mem::take(&mut first).then(|| state.history.of(tenant.id));
         async move {
             // Starting the queue here makes presence known even before anything happened.
             match numbers::of_tenant(&state, &tenant, true).await {
-                Ok(n) => serde_json::to_value(n).unwrap_or(Value::Null),
+                Ok(n) => {
+                    let mut v = serde_json::to_value(n).unwrap_or(Value::Null);
+                    if let Some(h) = history {
+                        v["history"] = json!(h);
+                    }
+                    v
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "dashboard numbers unavailable");
                     json!({"error": "the numbers are unavailable right now"})

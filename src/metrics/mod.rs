@@ -12,6 +12,7 @@
 //!
 //! Process metrics (memory, CPU, file descriptors) are read from `/proc` at scrape time.
 
+pub mod history;
 pub mod numbers;
 mod process;
 

@@ -24,6 +24,8 @@ pub struct QueueSnapshot {
     pub agents: Vec<AgentPresence>,
     /// team id → (queued, queued_at of the head).
     pub queues: HashMap<i64, (usize, Option<DateTime<Utc>>)>,
+    /// Conversations held by agents (assigned and not closed).
+    pub active: usize,
     /// Queued conversations closed because the visitor left, since the queue started.
     pub abandoned: u64,
 }

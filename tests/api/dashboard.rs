@@ -117,7 +117,7 @@ async fn supervisors_see_their_numbers_change(backend: Backend) {
     )
     .await;
 
-    let res = stream(supervisor_token).await;
+    let res = stream(supervisor_token.clone()).await;
     assert_eq!(res.status(), StatusCode::OK);
     assert!(
         res.headers()["content-type"]
@@ -127,6 +127,10 @@ async fn supervisors_see_their_numbers_change(backend: Backend) {
     );
     let mut events = Events::new(res);
     let first = events.next().await;
+    assert!(
+        first["history"].is_array(),
+        "the first event carries the history"
+    );
     assert_eq!(first["tenant"], t.slug.as_str());
     assert_eq!(first["totals"]["queued"], 0);
     assert_eq!(first["live"], true);
@@ -150,6 +154,32 @@ async fn supervisors_see_their_numbers_change(backend: Backend) {
     open_conversation(&app, &t, &v, None).await;
     let changed = events.until(|e| e["totals"]["queued"] == 1).await;
     assert_eq!(changed["teams"][0]["queued"], 1);
+    assert!(
+        changed.get("history").is_none(),
+        "only the first event has it"
+    );
+
+    // A page opened later starts with the last minutes: the queued visitor is in them (the
+    // sampler takes a point every 5 s).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let res = stream(supervisor_token.clone()).await;
+        let first = Events::new(res).next().await;
+        let points = first["history"].as_array().unwrap().clone();
+        if points.iter().any(|p| p["queued"] == 1) {
+            assert!(
+                points
+                    .iter()
+                    .all(|p| p["at"].is_string() && p["online"].is_number())
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no history point: {first}"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 
     // The operator's view: every tenant in one table.
     let res = app
