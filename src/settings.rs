@@ -469,3 +469,50 @@ fn default_node_id() -> String {
     let suffix: u16 = rand::random();
     format!("{host}-{suffix:04x}")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_zero_limit_is_refused_with_its_name() {
+        let mut s = Settings::default();
+        s.limits.ip_login_burst = 0;
+        let err = s.validate().unwrap_err().to_string();
+        assert!(err.contains("KEFU_LIMITS__IP_LOGIN_BURST"), "{err}");
+
+        let mut s = Settings::default();
+        s.limits.tenants.insert(
+            "acme".into(),
+            LimitOverrides {
+                http_per_sec: Some(0),
+                ..Default::default()
+            },
+        );
+        let err = s.validate().unwrap_err().to_string();
+        assert!(err.contains("limits.tenants.acme.http_per_sec"), "{err}");
+    }
+
+    #[test]
+    fn overrides_fill_in_over_the_defaults() {
+        let mut l = LimitSettings::default();
+        l.tenants.insert(
+            "acme".into(),
+            LimitOverrides {
+                messages_burst: Some(7),
+                ..Default::default()
+            },
+        );
+        let acme = l.for_tenant("acme");
+        assert_eq!(acme.messages_burst, 7);
+        assert_eq!(acme.messages_per_sec, l.messages_per_sec);
+        assert_eq!(l.for_tenant("other").messages_burst, l.messages_burst);
+    }
+
+    #[test]
+    fn the_dashboard_push_stays_within_five_seconds() {
+        let mut s = Settings::default();
+        s.dashboard.push_secs = 6;
+        assert!(s.validate().is_err());
+    }
+}

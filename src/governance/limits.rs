@@ -137,10 +137,6 @@ impl Limits {
         }
     }
 
-    pub fn settings(&self) -> &LimitSettings {
-        &self.inner.settings
-    }
-
     fn buckets(&self, tenant: &TenantRecord) -> Arc<TenantBuckets> {
         if let Some(b) = self.inner.tenants.get(&tenant.id) {
             return b.clone();
@@ -177,7 +173,9 @@ impl Limits {
     ) -> Result<(), Refusal> {
         answer.map_err(|not_until| {
             crate::metrics::global().rate_limited(slug, limit);
-            tracing::info!(tenant = slug, limit = limit.as_str(), "rate limited");
+            // Debug, not info: under a flood this line would be the flood. The counter and the
+            // request's own log line (status 429) are what an operator watches.
+            tracing::debug!(tenant = slug, limit = limit.as_str(), "rate limited");
             Refusal {
                 limit,
                 retry_after: not_until.wait_time_from(self.inner.clock.now()),

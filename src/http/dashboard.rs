@@ -17,6 +17,10 @@ use crate::metrics::{self, ConnKind, numbers};
 use crate::startup::AppState;
 use crate::tenancy::TenantStatus;
 
+/// Seconds between two pushes of the operator's table: every tenant's numbers are read from
+/// its database each time, so this stays at the slowest refresh the dashboards promise.
+const PLATFORM_PUSH_SECS: u64 = 5;
+
 /// `GET /dashboard`: the supervisor page (it logs in with the tenant's login API).
 pub async fn tenant_page() -> HttpResponse {
     html(include_str!("dashboard/tenant.html"))
@@ -43,7 +47,8 @@ pub async fn tenant_stream(
     let tenant = agent.tenant.record;
     let st = state.clone();
     let mut first = true;
-    Ok(events(&state, move || {
+    let every = Duration::from_secs(state.settings.dashboard.push_secs);
+    Ok(events(&state, every, move || {
         let (state, tenant) = (st.clone(), tenant.clone());
         // The first event carries the last minutes, so the charts start filled.
         let history = std::mem::take(&mut first).then(|| state.history.of(tenant.id));
@@ -72,7 +77,8 @@ pub async fn platform_stream(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let st = state.clone();
-    Ok(events(&state, move || {
+    let every = Duration::from_secs(PLATFORM_PUSH_SECS);
+    Ok(events(&state, every, move || {
         let state = st.clone();
         async move {
             let records = match state.tenants.all_records().await {
@@ -101,14 +107,13 @@ pub async fn platform_stream(
     }))
 }
 
-/// A `text/event-stream` answer: `next()` now, then every push interval, until the client
-/// goes away or the server stops.
-fn events<F, Fut>(state: &AppState, next: F) -> HttpResponse
+/// A `text/event-stream` answer: `next()` now, then every `every`, until the client goes away
+/// or the server stops.
+fn events<F, Fut>(state: &AppState, every: Duration, next: F) -> HttpResponse
 where
     F: FnMut() -> Fut + 'static,
     Fut: Future<Output = Value> + 'static,
 {
-    let every = Duration::from_secs(state.settings.dashboard.push_secs);
     let shutdown = state.realtime.shutdown_token();
     let open = metrics::global().connection(ConnKind::Dashboard);
     let ticker = tokio::time::interval(every);
