@@ -7,11 +7,15 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
+use entity::tenant::conversation;
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DbErr, EntityTrait, FromQueryResult, QueryFilter, QuerySelect,
+};
 use serde::Serialize;
 
 use crate::accounts::{agents, teams};
 use crate::actors::queue::Snapshot;
-use crate::conversations::store;
+use crate::conversations::{ConversationStatus, store};
 use crate::startup::AppState;
 use crate::tenancy::TenantRecord;
 
@@ -114,8 +118,12 @@ pub async fn of_tenant(
     let db = state.realtime.db(tenant).await?;
     let team_list = teams::list(&db).await?;
     let agent_list = agents::list(&db).await?;
-    let queued = store::queued(&db).await?;
-    let active = store::active(&db).await?;
+    let active = active_counts(&db).await?;
+    // Only where no queue runs here: the live queue knows what waits.
+    let queued = match snapshot {
+        Some(_) => Vec::new(),
+        None => store::queued(&db).await?,
+    };
     let now = Utc::now();
     let wait = |at: DateTime<Utc>| (now - at).as_seconds_f64().max(0.0);
 
@@ -126,7 +134,7 @@ pub async fn of_tenant(
     let mut load: HashMap<i64, usize> = HashMap::new();
     for c in &active {
         if let Some(a) = c.agent_id {
-            *load.entry(a).or_default() += 1;
+            *load.entry(a).or_default() += c.n as usize;
         }
     }
     let agents: Vec<AgentNumbers> = agent_list
@@ -155,7 +163,11 @@ pub async fn of_tenant(
             };
             TeamNumbers {
                 queued: queued_n,
-                active: active.iter().filter(|c| c.team_id == t.id).count(),
+                active: active
+                    .iter()
+                    .filter(|c| c.team_id == t.id)
+                    .map(|c| c.n as usize)
+                    .sum(),
                 agents_online: agents
                     .iter()
                     .filter(|a| a.status == "online" && a.teams.contains(&t.slug))
@@ -170,7 +182,7 @@ pub async fn of_tenant(
         agents_online: agents.iter().filter(|a| a.status == "online").count(),
         agents_away: agents.iter().filter(|a| a.status == "away").count(),
         queued: teams.iter().map(|t| t.queued).sum(),
-        active: active.len(),
+        active: active.iter().map(|c| c.n as usize).sum(),
         oldest_wait_secs: teams.iter().map(|t| t.oldest_wait_secs).fold(0.0, f64::max),
     };
     Ok(TenantNumbers {
@@ -183,4 +195,27 @@ pub async fn of_tenant(
         agents,
         abandoned: snapshot.map_or(0, |s| s.abandoned),
     })
+}
+
+/// Active conversations counted by team and agent.
+#[derive(Debug, FromQueryResult)]
+struct ActiveCount {
+    team_id: i64,
+    agent_id: Option<i64>,
+    n: i64,
+}
+
+/// Counted in the database rather than loaded: a busy tenant has thousands of them.
+async fn active_counts(db: &impl ConnectionTrait) -> Result<Vec<ActiveCount>, DbErr> {
+    conversation::Entity::find()
+        .select_only()
+        .column(conversation::Column::TeamId)
+        .column(conversation::Column::AgentId)
+        .column_as(conversation::Column::Id.count(), "n")
+        .filter(conversation::Column::Status.eq(ConversationStatus::Active.as_str()))
+        .group_by(conversation::Column::TeamId)
+        .group_by(conversation::Column::AgentId)
+        .into_model::<ActiveCount>()
+        .all(db)
+        .await
 }
