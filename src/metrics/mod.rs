@@ -372,3 +372,19 @@ fn register_numbers(r: &mut Registry, tenants: &[TenantNumbers]) {
         abandoned,
     );
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn classic_text_names_counters_by_their_samples() {
+        let om = "# HELP kefu_messages Messages.\n# TYPE kefu_messages counter\n\
+                  kefu_messages_total{tenant=\"a\"} 2\n# HELP kefu_agents Agents.\n\
+                  # TYPE kefu_agents gauge\n# UNIT kefu_agents agents\nkefu_agents 1\n# EOF\n";
+        assert_eq!(
+            super::to_classic_text(om),
+            "# HELP kefu_messages_total Messages.\n# TYPE kefu_messages_total counter\n\
+             kefu_messages_total{tenant=\"a\"} 2\n# HELP kefu_agents Agents.\n\
+             # TYPE kefu_agents gauge\nkefu_agents 1\n"
+        );
+    }
+}
