@@ -87,10 +87,10 @@ impl Default for LimitSettings {
         Self {
             // A busy tenant of a few hundred agents stays well below these; one runaway
             // integration or scraper hits them before it hurts its neighbours.
-            http_per_sec: 200,
-            http_burst: 500,
-            messages_per_sec: 200,
-            messages_burst: 500,
+            http_per_sec: 500,
+            http_burst: 1000,
+            messages_per_sec: 500,
+            messages_burst: 1000,
             // A visitor opens one session per visit; a page reloaded in a loop does not.
             // Generous enough for a shared office or mobile carrier NAT.
             ip_sessions_per_min: 30,
