@@ -32,6 +32,7 @@ pub async fn provision(state: &AppState, port: u16) -> anyhow::Result<()> {
         "\nKefu demo is ready.\n\
          \x20 tenant:  {DEMO_SLUG} at {base}\n\
          \x20 click:   {base}/demo  (a visitor and an agent side by side)\n\
+         \x20 watch:   {base}/dashboard  (the live numbers; log in as the admin)\n\
          \x20 admin:   {DEMO_ADMIN_EMAIL} / {DEMO_ADMIN_PASSWORD}\n\
          \x20 log in:  curl -s {base}/api/v1/auth/login -H 'content-type: application/json' \\\n\
          \x20            -d '{{\"email\":\"{DEMO_ADMIN_EMAIL}\",\"password\":\"{DEMO_ADMIN_PASSWORD}\"}}'\n\

@@ -18,7 +18,10 @@
 //! - [`actors`]: the real-time core: conversation, agent, visitor and queue actors, and the
 //!   bus between them.
 //! - [`cluster`]: cluster mode: NATS notices between nodes, queue leases in PostgreSQL.
-//! - [`http`]: routes, the JSON error shape, request ids, the platform and tenant APIs.
+//! - [`governance`]: rate limits per tenant, per client IP and per account.
+//! - [`metrics`]: Prometheus metrics and the live numbers behind the dashboards.
+//! - [`http`]: routes, the JSON error shape, request ids, the platform and tenant APIs, the
+//!   dashboards.
 
 pub mod accounts;
 pub mod actors;
@@ -26,7 +29,9 @@ pub mod cli;
 pub mod cluster;
 pub mod conversations;
 pub mod demo;
+pub mod governance;
 pub mod http;
+pub mod metrics;
 pub mod protocol;
 pub mod settings;
 pub mod startup;

@@ -1,6 +1,7 @@
 //! Typed settings: built-in defaults, then an optional TOML file, then `KEFU_*` environment
 //! variables, then command-line flags. Anything invalid stops start-up with the setting named.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -40,7 +41,156 @@ pub struct Settings {
     pub tenant_pools: TenantPoolSettings,
     /// Real-time limits and timeouts (WebSocket, long-poll, queue).
     pub realtime: RealtimeSettings,
+    /// Rate limits per tenant, per client IP and per account (docs/operations.md).
+    pub limits: LimitSettings,
+    /// The Prometheus endpoint `/metrics`.
+    pub metrics: MetricsSettings,
+    /// The supervisor and operator dashboards.
+    pub dashboard: DashboardSettings,
 }
+
+/// Token buckets: each limit refills at a sustained rate and holds a burst. The platform
+/// defaults apply to every tenant; `tenants.<slug>` overrides any of them for one tenant.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitSettings {
+    /// HTTP requests per second to one tenant's API (every `/api/*` and `/ws/*` request)...
+    pub http_per_sec: u32,
+    /// ...and in a burst.
+    pub http_burst: u32,
+    /// Messages per second one tenant's visitors and agents may send, all connections and
+    /// long-polls together...
+    pub messages_per_sec: u32,
+    /// ...and in a burst.
+    pub messages_burst: u32,
+    /// New visitor sessions per minute from one client IP, per tenant...
+    pub ip_sessions_per_min: u32,
+    /// ...and in a burst.
+    pub ip_session_burst: u32,
+    /// Login attempts per minute for one account (email) of a tenant...
+    pub account_logins_per_min: u32,
+    /// ...and in a burst.
+    pub account_login_burst: u32,
+    /// Login attempts per minute from one client IP, per tenant...
+    pub ip_logins_per_min: u32,
+    /// ...and in a burst.
+    pub ip_login_burst: u32,
+    /// Take the client IP from the last `X-Forwarded-For` entry (behind a reverse proxy that
+    /// sets it). Off: the TCP peer address, which a client cannot forge.
+    pub trust_forwarded_for: bool,
+    /// Per-tenant overrides, keyed by tenant slug.
+    pub tenants: BTreeMap<String, LimitOverrides>,
+}
+
+impl Default for LimitSettings {
+    fn default() -> Self {
+        Self {
+            // A busy tenant of a few hundred agents stays well below these; one runaway
+            // integration or scraper hits them before it hurts its neighbours.
+            http_per_sec: 500,
+            http_burst: 1000,
+            messages_per_sec: 500,
+            messages_burst: 1000,
+            // A visitor opens one session per visit; a page reloaded in a loop does not.
+            // Generous enough for a shared office or mobile carrier NAT.
+            ip_sessions_per_min: 30,
+            ip_session_burst: 60,
+            // Password guessing: a person mistypes a few times, a script tries thousands.
+            account_logins_per_min: 10,
+            account_login_burst: 10,
+            // A whole call centre behind one NAT logs in at shift start.
+            ip_logins_per_min: 60,
+            ip_login_burst: 60,
+            trust_forwarded_for: false,
+            tenants: BTreeMap::new(),
+        }
+    }
+}
+
+/// One tenant's exceptions to [`LimitSettings`]; an unset field keeps the platform default.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitOverrides {
+    pub http_per_sec: Option<u32>,
+    pub http_burst: Option<u32>,
+    pub messages_per_sec: Option<u32>,
+    pub messages_burst: Option<u32>,
+    pub ip_sessions_per_min: Option<u32>,
+    pub ip_session_burst: Option<u32>,
+    pub account_logins_per_min: Option<u32>,
+    pub account_login_burst: Option<u32>,
+    pub ip_logins_per_min: Option<u32>,
+    pub ip_login_burst: Option<u32>,
+}
+
+impl LimitSettings {
+    /// The limits in force for the tenant `slug`: its overrides over the platform defaults.
+    pub fn for_tenant(&self, slug: &str) -> LimitSettings {
+        let mut l = LimitSettings {
+            tenants: BTreeMap::new(),
+            ..self.clone()
+        };
+        if let Some(o) = self.tenants.get(slug) {
+            let set = |field: &mut u32, value: Option<u32>| {
+                if let Some(v) = value {
+                    *field = v;
+                }
+            };
+            set(&mut l.http_per_sec, o.http_per_sec);
+            set(&mut l.http_burst, o.http_burst);
+            set(&mut l.messages_per_sec, o.messages_per_sec);
+            set(&mut l.messages_burst, o.messages_burst);
+            set(&mut l.ip_sessions_per_min, o.ip_sessions_per_min);
+            set(&mut l.ip_session_burst, o.ip_session_burst);
+            set(&mut l.account_logins_per_min, o.account_logins_per_min);
+            set(&mut l.account_login_burst, o.account_login_burst);
+            set(&mut l.ip_logins_per_min, o.ip_logins_per_min);
+            set(&mut l.ip_login_burst, o.ip_login_burst);
+        }
+        l
+    }
+
+    /// Every number with the variable that sets it, for validation.
+    fn numbers(&self, prefix: &str) -> [(String, u32); 10] {
+        let n = |name: &str, v| (format!("{prefix}{name}"), v);
+        [
+            n("HTTP_PER_SEC", self.http_per_sec),
+            n("HTTP_BURST", self.http_burst),
+            n("MESSAGES_PER_SEC", self.messages_per_sec),
+            n("MESSAGES_BURST", self.messages_burst),
+            n("IP_SESSIONS_PER_MIN", self.ip_sessions_per_min),
+            n("IP_SESSION_BURST", self.ip_session_burst),
+            n("ACCOUNT_LOGINS_PER_MIN", self.account_logins_per_min),
+            n("ACCOUNT_LOGIN_BURST", self.account_login_burst),
+            n("IP_LOGINS_PER_MIN", self.ip_logins_per_min),
+            n("IP_LOGIN_BURST", self.ip_login_burst),
+        ]
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// Serve `/metrics` without the platform key (for a scraper on a private network).
+    /// Off: Prometheus sends the platform key as a bearer token.
+    pub public: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DashboardSettings {
+    /// Seconds between two pushes of the numbers to an open dashboard.
+    pub push_secs: u64,
+}
+
+impl Default for DashboardSettings {
+    fn default() -> Self {
+        Self { push_secs: 2 }
+    }
+}
+
+/// The slowest dashboard refresh the supervisors' promise allows ("at least every 5 s").
+const MAX_DASHBOARD_PUSH_SECS: u64 = 5;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -141,6 +291,9 @@ impl Default for Settings {
                 connections: 8,
             },
             realtime: RealtimeSettings::default(),
+            limits: LimitSettings::default(),
+            metrics: MetricsSettings::default(),
+            dashboard: DashboardSettings::default(),
         }
     }
 }
@@ -248,6 +401,29 @@ impl Settings {
                 return bad(name, "must be at least 1");
             }
         }
+        let limits = &self.limits;
+        let overridden = limits
+            .tenants
+            .keys()
+            .map(|slug| (slug, limits.for_tenant(slug)));
+        for (name, value) in limits
+            .numbers("KEFU_LIMITS__")
+            .into_iter()
+            .chain(overridden.flat_map(|(slug, l)| {
+                l.numbers(&format!("limits.tenants.{slug}."))
+                    .map(|(name, v)| (name.to_lowercase(), v))
+            }))
+        {
+            if value == 0 {
+                return Err(SettingsError::Setting {
+                    setting: "limits",
+                    reason: format!("{name} must be at least 1"),
+                });
+            }
+        }
+        if !(1..=MAX_DASHBOARD_PUSH_SECS).contains(&self.dashboard.push_secs) {
+            return bad("KEFU_DASHBOARD__PUSH_SECS", "must be 1 to 5");
+        }
         if rt.idle_timeout_secs <= rt.heartbeat_secs {
             return bad(
                 "KEFU_REALTIME__IDLE_TIMEOUT_SECS",
@@ -298,4 +474,51 @@ fn default_node_id() -> String {
         .unwrap_or_else(|| "kefu".to_owned());
     let suffix: u16 = rand::random();
     format!("{host}-{suffix:04x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_zero_limit_is_refused_with_its_name() {
+        let mut s = Settings::default();
+        s.limits.ip_login_burst = 0;
+        let err = s.validate().unwrap_err().to_string();
+        assert!(err.contains("KEFU_LIMITS__IP_LOGIN_BURST"), "{err}");
+
+        let mut s = Settings::default();
+        s.limits.tenants.insert(
+            "acme".into(),
+            LimitOverrides {
+                http_per_sec: Some(0),
+                ..Default::default()
+            },
+        );
+        let err = s.validate().unwrap_err().to_string();
+        assert!(err.contains("limits.tenants.acme.http_per_sec"), "{err}");
+    }
+
+    #[test]
+    fn overrides_fill_in_over_the_defaults() {
+        let mut l = LimitSettings::default();
+        l.tenants.insert(
+            "acme".into(),
+            LimitOverrides {
+                messages_burst: Some(7),
+                ..Default::default()
+            },
+        );
+        let acme = l.for_tenant("acme");
+        assert_eq!(acme.messages_burst, 7);
+        assert_eq!(acme.messages_per_sec, l.messages_per_sec);
+        assert_eq!(l.for_tenant("other").messages_burst, l.messages_burst);
+    }
+
+    #[test]
+    fn the_dashboard_push_stays_within_five_seconds() {
+        let mut s = Settings::default();
+        s.dashboard.push_secs = 6;
+        assert!(s.validate().is_err());
+    }
 }

@@ -12,7 +12,9 @@ use actix_web::{App, HttpServer, web};
 use crate::accounts::TokenKeys;
 use crate::actors::Realtime;
 use crate::cluster::{Cluster, ClusterError};
+use crate::governance::{Limits, limits};
 use crate::http::{self, BodyLimit};
+use crate::metrics::history::History;
 use crate::settings::Settings;
 use crate::storage::{Storage, secrets};
 use crate::tenancy::Tenants;
@@ -31,6 +33,10 @@ pub struct AppState {
     pub platform_key: String,
     /// The real-time core: actors, writers, connections.
     pub realtime: Realtime,
+    /// Rate limits per tenant, client IP and account.
+    pub limits: Limits,
+    /// The last minutes of each tenant's numbers, for the dashboard's charts.
+    pub history: History,
 }
 
 pub struct Application {
@@ -73,7 +79,11 @@ impl Application {
             threads,
             cluster,
         );
+        let limits = Limits::new(settings.limits.clone());
+        sweep_limits(limits.clone(), realtime.shutdown_token());
         let state = web::Data::new(AppState {
+            limits,
+            history: History::default(),
             tokens: TokenKeys::new(&secrets.jwt_secret, settings.token_ttl_secs),
             platform_key: secrets.platform_key,
             tenants,
@@ -81,6 +91,7 @@ impl Application {
             settings: Arc::new(settings),
         });
 
+        History::spawn_sampler(state.clone());
         let listener = TcpListener::bind(state.settings.listen)?;
         let port = listener.local_addr()?.port();
         let limit = state.settings.max_body_bytes;
@@ -166,6 +177,19 @@ impl Stopper {
         self.server.stop(true).await;
         self.realtime.shutdown().await;
     }
+}
+
+/// Drops idle per-IP and per-account buckets now and then, until the server stops.
+fn sweep_limits(limits: Limits, shutdown: tokio_util::sync::CancellationToken) {
+    actix_web::rt::spawn(async move {
+        let mut tick = tokio::time::interval(limits::SWEEP_EVERY);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => limits.sweep(),
+            }
+        }
+    });
 }
 
 async fn wait_for_signal() {

@@ -171,6 +171,7 @@ impl Handler<Submit> for ConversationActor {
     type Result = AtomicResponse<Self, Result<Written, WriteError>>;
 
     fn handle(&mut self, msg: Submit, ctx: &mut Context<Self>) -> Self::Result {
+        let received = std::time::Instant::now();
         self.touch(ctx);
         let rt = self.rt.clone();
         let tenant = self.tenant.clone();
@@ -216,6 +217,7 @@ impl Handler<Submit> for ConversationActor {
                         if let (WriteOp::Change(_), Written::Stored { .. }) = (op, written) {
                             act.rt.conversation_changed(act.tenant.id, act.id);
                         }
+                        crate::metrics::global().delivered(&act.tenant.slug, received.elapsed());
                         if let WriteOp::Read {
                             conversation_id,
                             reader,

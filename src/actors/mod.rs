@@ -327,6 +327,12 @@ impl Realtime {
         entry.clone()
     }
 
+    /// The tenant's queue if it runs on this node (numbers that only a live queue has; in a
+    /// cluster only the lease holder has it).
+    pub fn queue_if_running(&self, tenant_id: i64) -> Option<Addr<QueueActor>> {
+        live(&self.inner.queues, &tenant_id)
+    }
+
     fn forget_queue(&self, tenant_id: i64, addr: &Addr<QueueActor>) {
         self.inner.queues.remove_if(&tenant_id, |_, a| a == addr);
     }

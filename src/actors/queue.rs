@@ -377,6 +377,8 @@ impl QueueActor {
             match res {
                 Ok(Ok(_)) => {
                     tracing::debug!(conversation_id = q.conversation_id, agent_id, "assigned");
+                    crate::metrics::global()
+                        .queue_waited(&act.tenant.slug, Utc::now() - q.queued_at);
                 }
                 // Closed or gone meanwhile: it simply leaves the queue.
                 Ok(Err(WriteError::Stale | WriteError::Closed | WriteError::NotFound)) => {
@@ -1028,6 +1030,8 @@ pub enum QueueOp {
         node: String,
         agents: Vec<(i64, AgentStatus)>,
     },
+    /// The tenant's live numbers (dashboard, metrics).
+    Snapshot,
 }
 
 /// The answer to a [`QueueOp`] that wants one.
@@ -1037,6 +1041,7 @@ pub enum QueueReply {
     /// Enqueue (0: not queued) and Position (none: not queued).
     Position(Option<usize>),
     Done(Result<(), Refusal>),
+    Snapshot(crate::metrics::numbers::QueueSnapshot),
 }
 
 impl QueueOp {
@@ -1044,7 +1049,11 @@ impl QueueOp {
     pub fn wants_reply(&self) -> bool {
         matches!(
             self,
-            Self::Enqueue(_) | Self::Position { .. } | Self::Close { .. } | Self::Transfer { .. }
+            Self::Enqueue(_)
+                | Self::Position { .. }
+                | Self::Close { .. }
+                | Self::Transfer { .. }
+                | Self::Snapshot
         )
     }
 
@@ -1116,10 +1125,48 @@ impl QueueOp {
                     })
                     .await?,
             ),
+            Self::Snapshot => QueueReply::Snapshot(queue.send(Snapshot).await?),
             notice => {
                 notice.tell(queue);
                 QueueReply::Done(Ok(()))
             }
+        })
+    }
+}
+
+/// The tenant's live numbers, for `/metrics` and the supervisor dashboard.
+#[derive(Message)]
+#[rtype(result = "crate::metrics::numbers::QueueSnapshot")]
+pub struct Snapshot;
+
+impl Handler<Snapshot> for QueueActor {
+    type Result = MessageResult<Snapshot>;
+
+    fn handle(&mut self, _: Snapshot, _: &mut Context<Self>) -> Self::Result {
+        use crate::metrics::numbers::{AgentPresence, QueueSnapshot};
+        let agents = self
+            .agents
+            .iter()
+            .map(|(id, p)| AgentPresence {
+                id: *id,
+                status: match p.status {
+                    PresenceStatus::Online => "online",
+                    PresenceStatus::Away => "away",
+                    PresenceStatus::Gone => "disconnected",
+                }
+                .to_owned(),
+            })
+            .collect();
+        let queues = self
+            .queues
+            .iter()
+            .map(|(team, q)| (*team, (q.len(), q.front().map(|e| e.queued_at))))
+            .collect();
+        MessageResult(QueueSnapshot {
+            agents,
+            queues,
+            active: self.holding.values().map(HashSet::len).sum(),
+            abandoned: self.abandoned,
         })
     }
 }

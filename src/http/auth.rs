@@ -177,11 +177,15 @@ pub struct LoginBody {
 
 /// `POST /api/v1/auth/login`
 pub async fn login(
+    req: HttpRequest,
     state: web::Data<AppState>,
     tenant: Tenant,
     JsonBody(body): JsonBody<LoginBody>,
 ) -> Result<HttpResponse, ApiError> {
     let email = body.email.trim().to_lowercase();
+    // Counted before the password is checked: guessing costs attempts whether right or wrong.
+    let ip = state.limits.client_ip(&req);
+    state.limits.login(&tenant.record, &email, ip)?;
     let agent = agents::find_by_email(&tenant.db, &email).await?;
     let stored = agent.as_ref().map(|a| a.password_hash.clone());
     if !accounts::password::verify(body.password, stored).await {

@@ -40,6 +40,12 @@ pub enum ApiError {
     Validation { field: String, reason: String },
     #[error("{0}")]
     Unavailable(String),
+    /// Over a rate limit: nothing was done; the client may retry after the delay.
+    #[error("{message}")]
+    RateLimited {
+        message: String,
+        retry_after_secs: u64,
+    },
     #[error("internal error")]
     Internal(String),
     #[error(transparent)]
@@ -77,6 +83,7 @@ impl ApiError {
             }
             Self::Validation { .. } => (S::UNPROCESSABLE_ENTITY, "validation_failed", msg),
             Self::Unavailable(_) => (S::SERVICE_UNAVAILABLE, "dependency_unavailable", msg),
+            Self::RateLimited { .. } => (S::TOO_MANY_REQUESTS, "rate_limited", msg),
             Self::Internal(_) => (S::INTERNAL_SERVER_ERROR, "internal", msg),
             Self::Tenancy(e) => match e {
                 TenancyError::UnknownTenant => (S::NOT_FOUND, "unknown_tenant", msg),
@@ -155,6 +162,12 @@ impl ResponseError for ApiError {
         let mut res = HttpResponse::build(status);
         if status == StatusCode::UNAUTHORIZED {
             res.insert_header((header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")));
+        }
+        if let Self::RateLimited {
+            retry_after_secs, ..
+        } = self
+        {
+            res.insert_header((header::RETRY_AFTER, retry_after_secs.to_string()));
         }
         res.json(error_body(code, &message))
     }

@@ -3,9 +3,11 @@
 mod agents;
 pub mod auth;
 mod conversations;
+mod dashboard;
 mod error;
 mod health;
 mod json;
+mod metrics;
 pub mod middleware;
 mod platform;
 mod visitor;
@@ -23,6 +25,13 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/healthz", web::get().to(health::healthz))
         .route("/readyz", web::get().to(health::readyz))
         .route("/demo", web::get().to(health::demo_page))
+        .route("/metrics", web::get().to(metrics::metrics))
+        .route("/dashboard", web::get().to(dashboard::tenant_page))
+        .route("/dashboard/stream", web::get().to(dashboard::tenant_stream))
+        .route(
+            "/platform/dashboard",
+            web::get().to(dashboard::platform_page),
+        )
         .service(
             web::scope("/platform/v1")
                 .service(
@@ -31,6 +40,10 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                         .post(platform::create_tenant),
                 )
                 .route("/tenants/{slug}", web::get().to(platform::get_tenant))
+                .route(
+                    "/dashboard/stream",
+                    web::get().to(dashboard::platform_stream),
+                )
                 .route(
                     "/tenants/{slug}/suspend",
                     web::post().to(platform::suspend_tenant),

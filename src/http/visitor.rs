@@ -15,6 +15,7 @@ use crate::actors::conversation::{Submit, event_frames, write_error_code};
 use crate::actors::{queue, visitor};
 use crate::conversations::log::{Closer, NewMessage, WriteError, Written};
 use crate::conversations::{ConversationStatus, MessageView, Participant, store};
+use crate::metrics::{Channel, ConnKind, Direction};
 use crate::protocol::{ClientContent, ServerFrame};
 use crate::startup::AppState;
 use crate::storage::writer::WriteOp;
@@ -36,11 +37,15 @@ pub struct SessionBody {
 
 /// `POST /api/v1/visitor/sessions`: a new visitor, or the same one for a valid token.
 pub async fn create_session(
+    req: actix_web::HttpRequest,
     state: web::Data<AppState>,
     tenant: Tenant,
     body: Option<JsonBody<SessionBody>>,
 ) -> Result<HttpResponse, ApiError> {
     let body = body.map(|b| b.0).unwrap_or_default();
+    state
+        .limits
+        .visitor_session(&tenant.record, state.limits.client_ip(&req))?;
     let known = match &body.visitor_token {
         Some(t) => match state.tokens.verify(t) {
             Some(c) if c.tid == tenant.record.id => match c.subject(TokenKind::Visitor) {
@@ -105,7 +110,7 @@ pub async fn open_conversation(
             .map_err(|e| ApiError::Unavailable(e.to_string()))?
         {
             queue::QueueReply::Position(p) => p.unwrap_or(0),
-            queue::QueueReply::Done(_) => 0,
+            _ => 0,
         },
         _ => 0,
     };
@@ -144,6 +149,12 @@ pub async fn send_message(
         state.realtime.settings().max_text_chars,
     )
     .map_err(|r| ApiError::validation(r.field, r.message))?;
+    state.limits.message(&visitor.tenant.record)?;
+    crate::metrics::global().message(
+        &visitor.tenant.record.slug,
+        Channel::LongPoll,
+        Direction::Inbound,
+    );
     let op = WriteOp::Message(NewMessage {
         conversation_id: *id,
         client_msg_id: body.client_msg_id,
@@ -189,6 +200,7 @@ pub async fn events(
         .filter(|c| c.visitor_id == visitor.id)
         .ok_or_else(|| ApiError::NotFound("no such conversation of yours".into()))?;
     let wait = Duration::from_secs(q.wait.unwrap_or(DEFAULT_WAIT_SECS).min(MAX_WAIT_SECS));
+    let _open = crate::metrics::global().connection(ConnKind::LongPoll);
     let after = q.after_seq.max(0);
     // Register for a wake-up before reading, so nothing stored in between is slept through.
     let wake = state

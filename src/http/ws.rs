@@ -27,6 +27,8 @@ use crate::conversations::log::{Closer, NewMessage};
 use crate::conversations::{
     ConversationStatus, ConversationSummary, MessageView, Participant, store,
 };
+use crate::governance::{Limit, Limits};
+use crate::metrics::{self, Channel, ConnKind, Direction};
 use crate::protocol::{ClientContent, ClientFrame, ServerFrame, error_frame, parse_client_frame};
 use crate::startup::AppState;
 use crate::storage::writer::WriteOp;
@@ -52,6 +54,21 @@ pub enum Who {
 }
 
 impl Who {
+    fn conn_kind(self) -> ConnKind {
+        match self {
+            Who::Agent { .. } => ConnKind::AgentWebSocket,
+            Who::Visitor { .. } => ConnKind::VisitorWebSocket,
+        }
+    }
+
+    /// What a message from this side is: visitors write in, agents write out.
+    fn direction(self) -> Direction {
+        match self {
+            Who::Agent { .. } => Direction::Outbound,
+            Who::Visitor { .. } => Direction::Inbound,
+        }
+    }
+
     fn participant(self) -> Participant {
         match self {
             Who::Agent { id, .. } => Participant::Agent(id),
@@ -112,10 +129,11 @@ fn upgrade(
     let (response, session, stream) = actix_ws::handle(req, body)
         .map_err(|e| ApiError::BadRequest(format!("WebSocket upgrade refused: {e}")))?;
     let rt = state.realtime.clone();
+    let limits = state.limits.clone();
     let span = tracing::Span::current();
     actix_web::rt::spawn(tracing::Instrument::instrument(
         async move {
-            let (conn, out, kill) = Connection::new(rt, tenant, db, who);
+            let (conn, out, kill) = Connection::new(rt, limits, tenant, db, who);
             conn.run(session, stream, out, kill).await;
         },
         span,
@@ -133,6 +151,8 @@ struct Connection {
     who: Who,
     conn: ConnHandle,
     limiter: DefaultDirectRateLimiter,
+    /// The tenant-wide limits (messages per second across all connections).
+    limits: Limits,
     /// Frames refused for flooding so far; past the limit the connection is closed.
     refused: u32,
 }
@@ -140,6 +160,7 @@ struct Connection {
 impl Connection {
     fn new(
         rt: Realtime,
+        limits: Limits,
         tenant: Arc<TenantRecord>,
         db: DatabaseConnection,
         who: Who,
@@ -158,6 +179,7 @@ impl Connection {
                 who,
                 conn,
                 limiter,
+                limits,
                 refused: 0,
             },
             out,
@@ -183,6 +205,7 @@ impl Connection {
             return;
         }
         self.attach().await;
+        let _open = metrics::global().connection(self.who.conn_kind());
         tracing::debug!(conn = self.conn.id, who = ?self.who, "connection open");
 
         let shutdown = self.rt.shutdown_token();
@@ -207,6 +230,7 @@ impl Connection {
                         None => break None,
                         Some(Ok(AggregatedMessage::Text(text))) => {
                             if self.limiter.check().is_err() {
+                                metrics::global().rate_limited(&self.tenant.slug, Limit::ConnectionFrames);
                                 self.refused += 1;
                                 if self.refused >= s.flood_limit {
                                     break Some(close(CloseCode::Policy, "flooding"));
@@ -363,6 +387,14 @@ impl Connection {
                 {
                     return self.refuse(r, refusal.code, &refusal.message);
                 }
+                if let Err(limited) = self.limits.message(&self.tenant) {
+                    return self.refuse(r, "rate_limited", limited.message());
+                }
+                metrics::global().message(
+                    &self.tenant.slug,
+                    Channel::WebSocket,
+                    self.who.direction(),
+                );
                 let op = WriteOp::Message(NewMessage {
                     conversation_id,
                     client_msg_id,

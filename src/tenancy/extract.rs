@@ -36,6 +36,8 @@ impl Tenant {
         if record.status == TenantStatus::Suspended {
             return Err(TenancyError::Suspended.into());
         }
+        // Before anything else happens for the tenant: a refused request changes nothing.
+        state.limits.http(&record)?;
         let db = state
             .tenants
             .storage()

@@ -162,7 +162,13 @@ pub trait Api {
 
     /// Opens a tenant `<prefix>-<random>` on `<slug>.test` and logs its admin in.
     async fn create_tenant(&self, prefix: &str) -> TestTenant {
-        let slug = format!("{prefix}-{}", random_suffix());
+        self.create_tenant_with_slug(&format!("{prefix}-{}", random_suffix()))
+            .await
+    }
+
+    /// Opens the tenant `slug` on `<slug>.test` and logs its admin in.
+    async fn create_tenant_with_slug(&self, slug: &str) -> TestTenant {
+        let slug = slug.to_owned();
         let domain = format!("{slug}.test");
         let password = "correct-horse-battery".to_owned();
         let email = format!("admin@{domain}");
