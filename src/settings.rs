@@ -47,6 +47,10 @@ pub struct Settings {
     pub metrics: MetricsSettings,
     /// The supervisor and operator dashboards.
     pub dashboard: DashboardSettings,
+    /// Circuit breakers around each dependency (docs/operations.md).
+    pub breakers: BreakerSettings,
+    /// Bounded concurrency per tenant per dependency (docs/operations.md).
+    pub bulkheads: BulkheadSettings,
 }
 
 /// Token buckets: each limit refills at a sustained rate and holds a burst. The platform
@@ -189,6 +193,55 @@ impl Default for DashboardSettings {
     }
 }
 
+/// When a breaker opens and how it recovers. One set of numbers for every dependency: what
+/// differs between them is how often they are called, which the minimum volume absorbs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerSettings {
+    /// The rolling window over which calls are counted, in seconds.
+    pub window_secs: u64,
+    /// Fewest calls in the window before the error rate means anything.
+    pub min_calls: u32,
+    /// Share of failed calls in the window that opens the breaker (0 < ratio ≤ 1).
+    pub failure_ratio: f64,
+    /// How long an open breaker fails calls fast before letting a probe through.
+    pub open_secs: u64,
+    /// Calls let through while half-open; their outcome closes or reopens the breaker.
+    pub half_open_probes: u32,
+}
+
+impl Default for BreakerSettings {
+    fn default() -> Self {
+        Self {
+            window_secs: 10,
+            min_calls: 20,
+            failure_ratio: 0.5,
+            open_secs: 5,
+            half_open_probes: 1,
+        }
+    }
+}
+
+/// How much of this node one tenant may occupy at once for one dependency.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BulkheadSettings {
+    /// HTTP requests of one tenant using its database at once.
+    pub tenant_db_requests: u32,
+    /// Writes (messages, changes, reads) of one tenant in flight at once: each conversation
+    /// has at most one, so this bounds how many of a stuck tenant's conversations wait.
+    pub tenant_db_writes: u32,
+}
+
+impl Default for BulkheadSettings {
+    fn default() -> Self {
+        Self {
+            tenant_db_requests: 64,
+            tenant_db_writes: 4096,
+        }
+    }
+}
+
 /// The slowest dashboard refresh the supervisors' promise allows ("at least every 5 s").
 const MAX_DASHBOARD_PUSH_SECS: u64 = 5;
 
@@ -294,6 +347,8 @@ impl Default for Settings {
             limits: LimitSettings::default(),
             metrics: MetricsSettings::default(),
             dashboard: DashboardSettings::default(),
+            breakers: BreakerSettings::default(),
+            bulkheads: BulkheadSettings::default(),
         }
     }
 }
@@ -420,6 +475,22 @@ impl Settings {
                     reason: format!("{name} must be at least 1"),
                 });
             }
+        }
+        let b = &self.breakers;
+        if b.window_secs == 0 || b.open_secs == 0 || b.min_calls == 0 || b.half_open_probes == 0 {
+            return bad(
+                "KEFU_BREAKERS",
+                "window_secs, open_secs, min_calls and half_open_probes must be at least 1",
+            );
+        }
+        if !(b.failure_ratio > 0.0 && b.failure_ratio <= 1.0) {
+            return bad(
+                "KEFU_BREAKERS__FAILURE_RATIO",
+                "must be above 0 and at most 1",
+            );
+        }
+        if self.bulkheads.tenant_db_requests == 0 || self.bulkheads.tenant_db_writes == 0 {
+            return bad("KEFU_BULKHEADS", "every compartment must hold at least 1");
         }
         if !(1..=MAX_DASHBOARD_PUSH_SECS).contains(&self.dashboard.push_secs) {
             return bad("KEFU_DASHBOARD__PUSH_SECS", "must be 1 to 5");

@@ -12,7 +12,7 @@ use actix_web::{App, HttpServer, web};
 use crate::accounts::TokenKeys;
 use crate::actors::Realtime;
 use crate::cluster::{Cluster, ClusterError};
-use crate::governance::{Limits, limits};
+use crate::governance::{Governance, Limits, limits};
 use crate::http::{self, BodyLimit};
 use crate::metrics::history::History;
 use crate::settings::Settings;
@@ -78,6 +78,7 @@ impl Application {
             tenants.clone(),
             threads,
             cluster,
+            Governance::new(settings.breakers.clone(), settings.bulkheads.clone()),
         );
         let limits = Limits::new(settings.limits.clone());
         sweep_limits(limits.clone(), realtime.shutdown_token());

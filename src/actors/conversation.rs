@@ -14,6 +14,7 @@ use super::Realtime;
 use super::conn::ConnHandle;
 use crate::conversations::log::{Change, WriteError, Written};
 use crate::conversations::{MessageView, Participant};
+use crate::governance::Compartment;
 use crate::protocol::{AgentRef, ServerFrame, error_frame};
 use crate::storage::writer::WriteOp;
 use crate::tenancy::TenantRecord;
@@ -177,8 +178,24 @@ impl Handler<Submit> for ConversationActor {
         let tenant = self.tenant.clone();
         let op = msg.op.clone();
         let write = async move {
-            let db = rt.db(&tenant).await.map_err(|_| WriteError::Unavailable)?;
-            rt.writers().write(tenant.id, &db, op).await
+            let governance = rt.governance();
+            // The tenant's compartment first: a refusal there must not use up a probe of a
+            // half-open breaker.
+            let _place = governance
+                .bulkheads
+                .enter(Compartment::TenantDbWrites, tenant.id)
+                .map_err(|_| WriteError::Overloaded)?;
+            let breaker = governance.breakers.tenant_db(&tenant.slug);
+            breaker.check().map_err(|_| WriteError::Unavailable)?;
+            let result = match rt.db(&tenant).await {
+                Ok(db) => rt.writers().write(tenant.id, &db, op).await,
+                Err(_) => Err(WriteError::Unavailable),
+            };
+            breaker.record(!matches!(
+                result,
+                Err(WriteError::Storage(_) | WriteError::Unavailable)
+            ));
+            result
         };
         AtomicResponse::new(Box::pin(write.into_actor(self).map(
             move |result, act, _| {
@@ -284,6 +301,7 @@ pub fn write_error_code(e: &WriteError) -> (&'static str, String) {
         WriteError::Stale => "conflict",
         WriteError::ClientMsgIdReused => "client_msg_id_reused",
         WriteError::Storage(_) | WriteError::Unavailable => "dependency_unavailable",
+        WriteError::Overloaded => "overloaded",
     };
     let text = match e {
         WriteError::Storage(_) | WriteError::Unavailable => {

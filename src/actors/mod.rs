@@ -37,6 +37,7 @@ use sea_orm::DatabaseConnection;
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster::{Cluster, Notice, subject};
+use crate::governance::{Dependency, Governance};
 use crate::protocol::AgentStatus;
 use crate::settings::RealtimeSettings;
 use crate::storage::writer::Writers;
@@ -98,6 +99,8 @@ struct Inner {
     active_tenants: DashMap<i64, Arc<TenantRecord>>,
     /// Cluster mode: NATS and the queue leases. `None` on a single node.
     cluster: Option<Cluster>,
+    /// Circuit breakers and bulkheads, shared by actors and HTTP handlers.
+    governance: Governance,
     /// Where actors run; spread by a hash of their key.
     arbiters: Vec<ArbiterHandle>,
     /// The arbiters themselves, stopped at shutdown.
@@ -116,6 +119,7 @@ impl Realtime {
         tenants: Tenants,
         threads: usize,
         cluster: Option<Cluster>,
+        governance: Governance,
     ) -> Self {
         let owned: Vec<Arbiter> = (0..threads.max(1)).map(|_| Arbiter::new()).collect();
         let arbiters = owned.iter().map(Arbiter::handle).collect();
@@ -133,6 +137,7 @@ impl Realtime {
                 presence: DashMap::new(),
                 active_tenants: DashMap::new(),
                 cluster,
+                governance,
                 arbiters,
                 owned: Mutex::new(owned),
                 shutdown: CancellationToken::new(),
@@ -143,6 +148,10 @@ impl Realtime {
             c.runtime().spawn(cluster_loop(Arc::downgrade(&rt.inner)));
         }
         rt
+    }
+
+    pub fn governance(&self) -> &Governance {
+        &self.inner.governance
     }
 
     /// Is this node part of a cluster?
@@ -352,6 +361,7 @@ impl Realtime {
         self.touch_tenant(tenant);
         let payload = bytes::Bytes::from(serde_json::to_vec(&op).map_err(|_| QueueUnavailable)?);
         let deadline = tokio::time::Instant::now() + QUEUE_CALL_DEADLINE;
+        let breaker = self.inner.governance.breakers.get(Dependency::Nats, "node");
         loop {
             if c.leases().holds(tenant.id) {
                 return op
@@ -359,10 +369,27 @@ impl Realtime {
                     .await
                     .map_err(|_| QueueUnavailable);
             }
-            match c
+            // While the bus is known to be down, fail fast rather than wait out the deadline.
+            if breaker.check().is_err() {
+                return Err(QueueUnavailable);
+            }
+            if !c.connected() {
+                breaker.record(false);
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(QueueUnavailable);
+                }
+                tokio::time::sleep(QUEUE_CALL_RETRY).await;
+                continue;
+            }
+            let answer = c
                 .request(tenant.id, subject::queue(tenant.id), payload.clone())
-                .await
-            {
+                .await;
+            // "No responders" is an answer from a working bus; timeouts and errors are not.
+            breaker.record(match &answer {
+                Ok(_) => true,
+                Err(e) => e.kind() == async_nats::RequestErrorKind::NoResponders,
+            });
+            match answer {
                 Ok(answer) => {
                     return serde_json::from_slice(&answer).map_err(|e| {
                         tracing::warn!(error = %e, "undecodable queue answer");

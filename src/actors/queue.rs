@@ -806,7 +806,9 @@ impl From<&WriteError> for Refusal {
             WriteError::Closed => Self::Closed,
             WriteError::NotParticipant => Self::NotParticipant,
             WriteError::Stale | WriteError::ClientMsgIdReused => Self::Stale,
-            WriteError::Storage(_) | WriteError::Unavailable => Self::Unavailable,
+            WriteError::Storage(_) | WriteError::Unavailable | WriteError::Overloaded => {
+                Self::Unavailable
+            }
         }
     }
 }

@@ -104,6 +104,9 @@ pub enum WriteError {
     Storage(#[from] DbErr),
     #[error("storage is unavailable")]
     Unavailable,
+    /// The tenant has too many writes in flight (bulkhead): refused before anything ran.
+    #[error("too many of this tenant's writes are waiting; send again shortly")]
+    Overloaded,
 }
 
 /// Appends messages of distinct conversations in three statements, however many there are:

@@ -46,6 +46,15 @@ pub enum ApiError {
         message: String,
         retry_after_secs: u64,
     },
+    /// The tenant's compartment for this dependency is full (bulkhead): refused at once.
+    #[error("{0}")]
+    Overloaded(String),
+    /// The dependency's circuit breaker is open: refused at once, retry after the delay.
+    #[error("{message}")]
+    CircuitOpen {
+        message: String,
+        retry_after_secs: u64,
+    },
     #[error("internal error")]
     Internal(String),
     #[error(transparent)]
@@ -54,7 +63,36 @@ pub enum ApiError {
     Accounts(#[from] AccountsError),
 }
 
+/// Marks a response that failed because the tenant's storage did (the tenant database's
+/// circuit breaker counts it).
+pub struct StorageFailed;
+
+impl From<crate::governance::BreakerOpen> for ApiError {
+    fn from(e: crate::governance::BreakerOpen) -> Self {
+        Self::CircuitOpen {
+            message: e.to_string(),
+            retry_after_secs: e.retry_after_secs,
+        }
+    }
+}
+
+impl From<crate::governance::Full> for ApiError {
+    fn from(e: crate::governance::Full) -> Self {
+        Self::Overloaded(e.to_string())
+    }
+}
+
 impl ApiError {
+    /// Did storage fail (rather than the request being refused)?
+    fn is_storage_failure(&self) -> bool {
+        matches!(
+            self,
+            Self::Tenancy(TenancyError::Storage(_))
+                | Self::Tenancy(TenancyError::Accounts(AccountsError::Db(_)))
+                | Self::Accounts(AccountsError::Db(_))
+        )
+    }
+
     pub fn validation(field: impl Into<String>, reason: impl Into<String>) -> Self {
         Self::Validation {
             field: field.into(),
@@ -84,6 +122,8 @@ impl ApiError {
             Self::Validation { .. } => (S::UNPROCESSABLE_ENTITY, "validation_failed", msg),
             Self::Unavailable(_) => (S::SERVICE_UNAVAILABLE, "dependency_unavailable", msg),
             Self::RateLimited { .. } => (S::TOO_MANY_REQUESTS, "rate_limited", msg),
+            Self::Overloaded(_) => (S::SERVICE_UNAVAILABLE, "overloaded", msg),
+            Self::CircuitOpen { .. } => (S::SERVICE_UNAVAILABLE, "dependency_unavailable", msg),
             Self::Internal(_) => (S::INTERNAL_SERVER_ERROR, "internal", msg),
             Self::Tenancy(e) => match e {
                 TenancyError::UnknownTenant => (S::NOT_FOUND, "unknown_tenant", msg),
@@ -163,13 +203,25 @@ impl ResponseError for ApiError {
         if status == StatusCode::UNAUTHORIZED {
             res.insert_header((header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")));
         }
-        if let Self::RateLimited {
-            retry_after_secs, ..
-        } = self
-        {
-            res.insert_header((header::RETRY_AFTER, retry_after_secs.to_string()));
+        match self {
+            Self::RateLimited {
+                retry_after_secs, ..
+            }
+            | Self::CircuitOpen {
+                retry_after_secs, ..
+            } => {
+                res.insert_header((header::RETRY_AFTER, retry_after_secs.to_string()));
+            }
+            Self::Overloaded(_) => {
+                res.insert_header((header::RETRY_AFTER, "1"));
+            }
+            _ => {}
         }
-        res.json(error_body(code, &message))
+        let mut res = res.json(error_body(code, &message));
+        if self.is_storage_failure() {
+            res.extensions_mut().insert(StorageFailed);
+        }
+        res
     }
 }
 

@@ -4,6 +4,7 @@ use actix_web::{HttpResponse, web};
 use serde_json::json;
 
 use super::ApiError;
+use crate::governance::breaker::BreakerState;
 use crate::startup::AppState;
 
 /// `GET /healthz`: the process is up.
@@ -35,6 +36,15 @@ pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError
         "node": state.settings.node_id,
         "open_tenant_pools": state.tenants.storage().open_tenant_pools(),
         "cluster": cluster,
+        // Breakers not closed (a tenant's failing database does not make the node unready).
+        "breakers": state
+            .realtime
+            .governance()
+            .breakers
+            .views()
+            .into_iter()
+            .filter(|b| b.state != BreakerState::Closed)
+            .collect::<Vec<_>>(),
     })))
 }
 

@@ -37,7 +37,7 @@ pub async fn metrics(
             Err(e) => tracing::warn!(error = %e, "tenant numbers unavailable for /metrics"),
         }
     }
-    let text = metrics::render(&tenants);
+    let text = metrics::render(&tenants, state.realtime.governance());
     // Prometheus asks for OpenMetrics; everything else gets the classic text format.
     let wants_openmetrics = req
         .headers()

@@ -10,7 +10,8 @@ use actix_web::middleware::Next;
 use actix_web::{Error, HttpMessage, HttpResponse};
 use tracing::Instrument;
 
-use super::error::error_body;
+use super::error::{StorageFailed, error_body};
+use crate::tenancy::extract::TenantCall;
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -55,6 +56,13 @@ pub async fn request_context(
     let path = req.path().to_owned();
     let started = Instant::now();
     let res = next.call(req).instrument(span.clone()).await?;
+    // The tenant's database breaker learns how the request went (a server error counts as a
+    // failure of the dependency), and the request leaves the tenant's bulkhead.
+    let call = res.request().extensions_mut().remove::<TenantCall>();
+    if let Some(call) = call {
+        let failed = res.response().extensions().contains::<StorageFailed>();
+        call.breaker.record(!failed);
+    }
     let mut res = ensure_json_error(res.map_into_boxed_body());
     if let Ok(v) = HeaderValue::from_str(&id) {
         res.headers_mut().insert(REQUEST_ID, v);

@@ -299,5 +299,6 @@ pub fn write_err(e: WriteError) -> ApiError {
             }
         }
         WriteError::Storage(_) | WriteError::Unavailable => ApiError::Unavailable(text),
+        WriteError::Overloaded => ApiError::Overloaded(text),
     }
 }

@@ -26,7 +26,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::governance::Limit;
+use crate::governance::{Governance, Limit};
 use numbers::TenantNumbers;
 
 /// The channel a message came in on.
@@ -221,7 +221,7 @@ impl Metrics {
 
 /// The whole `/metrics` answer (OpenMetrics text): this process's event metrics, the live
 /// numbers of `tenants`, and the process.
-pub fn render(tenants: &[TenantNumbers]) -> String {
+pub fn render(tenants: &[TenantNumbers], governance: &Governance) -> String {
     let m = global();
     let mut r = Registry::with_prefix("kefu");
     r.register(
@@ -250,6 +250,7 @@ pub fn render(tenants: &[TenantNumbers]) -> String {
         m.queue_wait.clone(),
     );
     register_numbers(&mut r, tenants);
+    register_governance(&mut r, governance);
     let mut root = Registry::default();
     root.register_collector(Box::new(process::ProcessCollector));
     let mut out = String::new();
@@ -295,6 +296,78 @@ pub fn to_classic_text(openmetrics: &str) -> String {
 }
 
 /// The state gauges, built fresh for every scrape from the tenants' numbers.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BreakerLabels {
+    dependency: &'static str,
+    /// The tenant's slug for its database, `node` for NATS.
+    scope: String,
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TransitionLabels {
+    dependency: &'static str,
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CompartmentLabel {
+    compartment: &'static str,
+}
+
+/// Circuit breakers (state as a 0/1 gauge per state, transitions) and bulkhead refusals.
+fn register_governance(r: &mut Registry, g: &Governance) {
+    use crate::governance::breaker::BreakerState;
+    let state: Family<BreakerLabels, Gauge> = Family::default();
+    for b in g.breakers.views() {
+        for s in [
+            BreakerState::Closed,
+            BreakerState::HalfOpen,
+            BreakerState::Open,
+        ] {
+            state
+                .get_or_create(&BreakerLabels {
+                    dependency: b.dependency.as_str(),
+                    scope: b.scope.clone(),
+                    state: s.as_str(),
+                })
+                .set(i64::from(b.state == s));
+        }
+    }
+    let transitions: Family<TransitionLabels, Counter> = Family::default();
+    for (dependency, to, n) in g.breakers.transitions() {
+        transitions
+            .get_or_create(&TransitionLabels {
+                dependency: dependency.as_str(),
+                state: to.as_str(),
+            })
+            .inc_by(n);
+    }
+    let rejected: Family<CompartmentLabel, Counter> = Family::default();
+    for (c, n) in g.bulkheads.rejected() {
+        rejected
+            .get_or_create(&CompartmentLabel {
+                compartment: c.as_str(),
+            })
+            .inc_by(n);
+    }
+    r.register(
+        "circuit_breaker_state",
+        "Circuit breakers by dependency and scope: 1 for the state each is in",
+        state,
+    );
+    r.register(
+        "circuit_breaker_transitions",
+        "Circuit breaker changes of state, by dependency and the state entered",
+        transitions,
+    );
+    r.register(
+        "bulkhead_rejections",
+        "Calls refused because a tenant's compartment for a dependency was full",
+        rejected,
+    );
+}
+
 fn register_numbers(r: &mut Registry, tenants: &[TenantNumbers]) {
     let agents: Family<StatusLabels, Gauge> = Family::default();
     let team_agents: Family<TeamStatusLabels, Gauge> = Family::default();

@@ -3,11 +3,12 @@
 use std::sync::Arc;
 
 use actix_web::dev::Payload;
-use actix_web::{FromRequest, HttpRequest, http::header, web};
+use actix_web::{FromRequest, HttpMessage, HttpRequest, http::header, web};
 use futures_util::future::LocalBoxFuture;
 use sea_orm::DatabaseConnection;
 
 use super::{DomainName, TenancyError, TenantRecord, TenantStatus};
+use crate::governance::Compartment;
 use crate::http::ApiError;
 use crate::startup::AppState;
 
@@ -16,6 +17,15 @@ use crate::startup::AppState;
 pub struct Tenant {
     pub record: Arc<TenantRecord>,
     pub db: DatabaseConnection,
+}
+
+/// A request's claim on its tenant's database: the breaker that judges the outcome and the
+/// request's place in the tenant's bulkhead. Kept in the request's extensions and taken out
+/// by the request middleware when the response leaves, which records the outcome and frees
+/// the place (also for WebSocket upgrades, whose connection lives on without it).
+pub struct TenantCall {
+    pub breaker: Arc<crate::governance::breaker::Breaker>,
+    _place: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Tenant {
@@ -38,12 +48,26 @@ impl Tenant {
         }
         // Before anything else happens for the tenant: a refused request changes nothing.
         state.limits.http(&record)?;
-        let db = state
-            .tenants
-            .storage()
-            .tenant(&record.db_name)
-            .await
-            .map_err(TenancyError::from)?;
+        let governance = state.realtime.governance();
+        let breaker = governance.breakers.tenant_db(&record.slug);
+        // Fail fast while the tenant's database is known to be failing.
+        breaker.check()?;
+        if !req.extensions().contains::<TenantCall>() {
+            let place = governance
+                .bulkheads
+                .enter(Compartment::TenantDbRequests, record.id)?;
+            req.extensions_mut().insert(TenantCall {
+                breaker: breaker.clone(),
+                _place: place,
+            });
+        }
+        let db = match state.tenants.storage().tenant(&record.db_name).await {
+            Ok(db) => db,
+            Err(e) => {
+                breaker.record(false);
+                return Err(TenancyError::from(e).into());
+            }
+        };
         Ok(Self { record, db })
     }
 }

@@ -8,7 +8,7 @@
 //! Handlers receive their tenant's database through the [`Tenant`] extractor and never choose
 //! a database themselves.
 
-mod extract;
+pub mod extract;
 pub mod names;
 mod onboarding;
 

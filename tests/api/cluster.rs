@@ -724,3 +724,78 @@ async fn cluster_mode_needs_postgres() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("KEFU_DATABASE_URL"), "{err}");
 }
+
+#[actix_web::test]
+async fn the_nats_breaker_opens_while_the_broker_is_down_and_closes_after() {
+    let mut c = TestCluster::start_with(
+        2,
+        &[
+            ("KEFU_BREAKERS__MIN_CALLS", "3"),
+            ("KEFU_BREAKERS__OPEN_SECS", "1"),
+        ],
+    )
+    .await;
+    let t = c.nodes[0].create_tenant("nbr").await;
+    // Node 1 opens a conversation, so it runs the queue.
+    let v = new_visitor(&c.nodes[0], &t).await;
+    open_conversation(&c.nodes[0], &t, &v, None).await;
+    let breaker_state = |metrics: &str, state: &str| {
+        metrics.contains(&format!(
+            "kefu_circuit_breaker_state{{dependency=\"nats\",scope=\"node\",state=\"{state}\"}} 1"
+        ))
+    };
+
+    // The broker goes: node 2 cannot reach the queue; refused, and once the breaker is open,
+    // refused without trying.
+    c.nats.stop();
+    let mut visitors = Vec::new();
+    for _ in 0..5 {
+        let v = new_visitor(&c.nodes[1], &t).await;
+        let res = c.nodes[1]
+            .call(
+                reqwest::Method::POST,
+                Some(&t.domain),
+                "/api/v1/visitor/conversations",
+                Some(&v.token),
+                None,
+            )
+            .await;
+        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+        visitors.push(v);
+    }
+    let metrics = c.nodes[1]
+        .platform(reqwest::Method::GET, "/metrics", None)
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(breaker_state(&metrics, "open"), "{metrics}");
+
+    // The broker returns: a probe goes through and the breaker closes; the conversations
+    // stored meanwhile are in the queue (reconciled from storage).
+    c.nats.restart().await;
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    loop {
+        assert!(tokio::time::Instant::now() < deadline, "never recovered");
+        let res = c.nodes[1]
+            .call(
+                reqwest::Method::POST,
+                Some(&t.domain),
+                "/api/v1/visitor/conversations",
+                Some(&visitors[0].token),
+                None,
+            )
+            .await;
+        if res.status().is_success() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let metrics = c.nodes[1]
+        .platform(reqwest::Method::GET, "/metrics", None)
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(breaker_state(&metrics, "closed"), "{metrics}");
+}

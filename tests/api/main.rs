@@ -18,5 +18,6 @@ mod longpoll;
 mod metrics;
 mod onboarding;
 mod queue;
+mod resilience;
 mod restart;
 mod ws;
