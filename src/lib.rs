@@ -4,6 +4,7 @@
 //!
 //! - [`settings`]: typed configuration: defaults, then a TOML file, then `KEFU_*` variables.
 //! - [`telemetry`]: `tracing` subscriber set-up (pretty or JSON lines).
+//! - [`trace_context`]: W3C `traceparent`, carried from requests and frames to every node.
 //! - [`startup`]: [`startup::Application`] binds the listener, wires state and runs the server.
 //! - [`cli`]: the `kefu` command line (`serve`, `tenant …`, `migrate`).
 //! - [`demo`]: the `--demo` tenant.
@@ -38,3 +39,4 @@ pub mod startup;
 pub mod storage;
 pub mod telemetry;
 pub mod tenancy;
+pub mod trace_context;

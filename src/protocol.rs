@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::conversations::{ConversationSummary, MessageView};
+use crate::trace_context::TraceContext;
 
 /// Longest `ref` echoed back; a longer one is dropped rather than stored per frame.
 const MAX_REF_LEN: usize = 64;
@@ -76,8 +77,19 @@ pub struct FrameError {
     pub message: String,
 }
 
-/// Parses one text frame into its `ref` and its content.
-pub fn parse_client_frame(text: &str) -> Result<(Option<Value>, ClientFrame), FrameError> {
+/// A client frame, read.
+#[derive(Debug)]
+pub struct ParsedFrame {
+    /// The client's `ref`, echoed on the answer.
+    pub reference: Option<Value>,
+    /// The frame's own W3C `traceparent`, when the client sends one (any frame may): the work
+    /// it causes joins that trace. Malformed values are ignored.
+    pub traceparent: Option<TraceContext>,
+    pub frame: ClientFrame,
+}
+
+/// Parses one text frame into its `ref`, its `traceparent` and its content.
+pub fn parse_client_frame(text: &str) -> Result<ParsedFrame, FrameError> {
     let value: Value = serde_json::from_str(text).map_err(|e| FrameError {
         reference: None,
         code: "malformed_frame",
@@ -95,6 +107,9 @@ pub fn parse_client_frame(text: &str) -> Result<(Option<Value>, ClientFrame), Fr
         Value::Number(_) => true,
         _ => false,
     });
+    let traceparent = obj
+        .remove("traceparent")
+        .and_then(|t| t.as_str().and_then(TraceContext::parse));
     let kind = obj.get("type").and_then(Value::as_str).map(str::to_owned);
     match kind.as_deref() {
         None => Err(FrameError {
@@ -108,7 +123,11 @@ pub fn parse_client_frame(text: &str) -> Result<(Option<Value>, ClientFrame), Fr
             message: format!("unknown frame type {t:?}"),
         }),
         Some(t) => match serde_json::from_value::<ClientFrame>(Value::Object(obj)) {
-            Ok(frame) => Ok((reference, frame)),
+            Ok(frame) => Ok(ParsedFrame {
+                reference,
+                traceparent,
+                frame,
+            }),
             Err(e) => Err(FrameError {
                 reference,
                 code: "invalid_frame",
@@ -230,13 +249,18 @@ mod tests {
 
     #[test]
     fn client_frames_parse_or_say_why_not() {
-        let (r, f) = parse_client_frame(
-            r#"{"type":"send","ref":"a1","conversation_id":3,"client_msg_id":"c1","content":{"kind":"text","text":"hi"}}"#,
+        let p = parse_client_frame(
+            r#"{"type":"send","ref":"a1","conversation_id":3,"client_msg_id":"c1","content":{"kind":"text","text":"hi"},
+                "traceparent":"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}"#,
         )
         .unwrap();
-        assert_eq!(r, Some(Value::from("a1")));
+        assert_eq!(p.reference, Some(Value::from("a1")));
+        assert_eq!(
+            p.traceparent.map(|t| t.trace_id).as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
         assert!(matches!(
-            f,
+            p.frame,
             ClientFrame::Send {
                 conversation_id: 3,
                 ..

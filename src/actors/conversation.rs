@@ -9,6 +9,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use bytestring::ByteString;
 use serde_json::Value;
+use tracing::Instrument;
 
 use super::Realtime;
 use super::conn::ConnHandle;
@@ -18,6 +19,7 @@ use crate::governance::Compartment;
 use crate::protocol::{AgentRef, ServerFrame, error_frame};
 use crate::storage::writer::WriteOp;
 use crate::tenancy::TenantRecord;
+use crate::trace_context::TraceContext;
 
 /// A conversation actor with no work for this long stops; the next write starts a new one.
 const IDLE_STOP: Duration = Duration::from_secs(300);
@@ -50,7 +52,7 @@ impl ConversationActor {
     }
 
     /// Sends the frames of a stored write to everyone concerned.
-    fn deliver(&mut self, written: &Written, except: Option<u64>) {
+    fn deliver(&mut self, written: &Written, except: Option<u64>, trace: Option<&TraceContext>) {
         let Written::Stored {
             message,
             conversation: conv,
@@ -66,15 +68,15 @@ impl ConversationActor {
         let tenant = self.tenant.id;
         for f in &frames {
             self.rt
-                .to_visitor(tenant, conv.visitor_id, f.clone(), except);
+                .to_visitor(tenant, conv.visitor_id, f.clone(), except, trace);
             if let Some(a) = conv.agent_id {
-                self.rt.to_agent(tenant, a, f.clone(), except);
+                self.rt.to_agent(tenant, a, f.clone(), except, trace);
             }
             // The agent who just lost the conversation (transfer, requeue, close) is told too.
             if let Some(old) = before.agent_id
                 && Some(old) != conv.agent_id
             {
-                self.rt.to_agent(tenant, old, f.clone(), except);
+                self.rt.to_agent(tenant, old, f.clone(), except, trace);
             }
         }
     }
@@ -166,6 +168,9 @@ pub struct Origin {
 pub struct Submit {
     pub op: WriteOp,
     pub origin: Option<Origin>,
+    /// The trace of the request or frame that caused the write (none: the queue's own
+    /// decisions, which start a trace of their own where one is needed).
+    pub trace: Option<TraceContext>,
 }
 
 impl Handler<Submit> for ConversationActor {
@@ -177,6 +182,12 @@ impl Handler<Submit> for ConversationActor {
         let rt = self.rt.clone();
         let tenant = self.tenant.clone();
         let op = msg.op.clone();
+        let span = tracing::debug_span!(
+            "write",
+            tenant = %tenant.slug,
+            conversation_id = self.id,
+            trace_id = msg.trace.as_ref().map_or("", |t| t.trace_id.as_str()),
+        );
         let write = async move {
             let governance = rt.governance();
             // The tenant's compartment first: a refusal there must not use up a probe of a
@@ -196,7 +207,8 @@ impl Handler<Submit> for ConversationActor {
                 Err(WriteError::Storage(_) | WriteError::Unavailable)
             ));
             result
-        };
+        }
+        .instrument(span);
         AtomicResponse::new(Box::pin(write.into_actor(self).map(
             move |result, act, _| {
                 // A message is not echoed to the connection it came from (that one gets the ack);
@@ -230,7 +242,7 @@ impl Handler<Submit> for ConversationActor {
                                 );
                             }
                         }
-                        act.deliver(written, except);
+                        act.deliver(written, except, msg.trace.as_ref());
                         if let (WriteOp::Change(_), Written::Stored { .. }) = (op, written) {
                             act.rt.conversation_changed(act.tenant.id, act.id);
                         }
@@ -241,7 +253,13 @@ impl Handler<Submit> for ConversationActor {
                             seq,
                         } = op
                         {
-                            act.relay_read(*conversation_id, *reader, *seq, except);
+                            act.relay_read(
+                                *conversation_id,
+                                *reader,
+                                *seq,
+                                except,
+                                msg.trace.as_ref(),
+                            );
                         }
                     }
                     (Err(e), Some(origin), _) => {
@@ -265,6 +283,7 @@ impl ConversationActor {
         reader: Participant,
         seq: i64,
         except: Option<u64>,
+        trace: Option<&TraceContext>,
     ) {
         let frame = ServerFrame::Read {
             conversation_id,
@@ -272,11 +291,17 @@ impl ConversationActor {
             by: reader.kind(),
         }
         .encode();
-        self.relay(frame, reader, except);
+        self.relay(frame, reader, except, trace);
     }
 
     /// Sends a frame to the other side of the conversation (typing, read).
-    fn relay(&mut self, frame: ByteString, from: Participant, except: Option<u64>) {
+    fn relay(
+        &mut self,
+        frame: ByteString,
+        from: Participant,
+        except: Option<u64>,
+        trace: Option<&TraceContext>,
+    ) {
         let Some((visitor, agent)) = self.participants else {
             return;
         };
@@ -284,10 +309,10 @@ impl ConversationActor {
         match from {
             Participant::Visitor(_) => {
                 if let Some(a) = agent {
-                    self.rt.to_agent(tenant, a, frame, except);
+                    self.rt.to_agent(tenant, a, frame, except, trace);
                 }
             }
-            Participant::Agent(_) => self.rt.to_visitor(tenant, visitor, frame, except),
+            Participant::Agent(_) => self.rt.to_visitor(tenant, visitor, frame, except, trace),
         }
     }
 }
@@ -355,7 +380,7 @@ impl Handler<Typing> for ConversationActor {
                         from: msg.from.kind(),
                     }
                     .encode();
-                    act.relay(frame, msg.from, msg.except);
+                    act.relay(frame, msg.from, msg.except, None);
                 }
             }),
         )
@@ -380,5 +405,6 @@ pub fn change(change: Change) -> Submit {
     Submit {
         op: WriteOp::Change(change),
         origin: None,
+        trace: None,
     }
 }

@@ -42,6 +42,7 @@ use crate::protocol::AgentStatus;
 use crate::settings::RealtimeSettings;
 use crate::storage::writer::Writers;
 use crate::tenancy::{TenancyError, TenantRecord, Tenants};
+use crate::trace_context::TraceContext;
 use agent::AgentActor;
 use conversation::ConversationActor;
 use queue::{QueueActor, QueueOp, QueueReply};
@@ -296,6 +297,7 @@ impl Realtime {
                 tenant_id,
                 subject::conversation(tenant_id, id),
                 bytes::Bytes::from(id.to_string()),
+                None,
             );
         }
     }
@@ -430,7 +432,7 @@ impl Realtime {
                 if c.leases().holds(tenant.id) {
                     op.tell(&self.local_queue(tenant));
                 } else if let Ok(payload) = serde_json::to_vec(&op) {
-                    c.publish(tenant.id, subject::queue(tenant.id), payload.into());
+                    c.publish(tenant.id, subject::queue(tenant.id), payload.into(), None);
                 }
             }
         }
@@ -472,7 +474,6 @@ impl Realtime {
                 return;
             }
         };
-        let trace = n.traceparent.unwrap_or_default();
         match (op.wants_reply(), n.reply, &self.inner.cluster) {
             (true, Some(reply), Some(c)) => {
                 let c = c.clone();
@@ -485,7 +486,7 @@ impl Realtime {
                 });
             }
             _ => {
-                tracing::trace!(traceparent = %trace, "queue notice");
+                tracing::trace!(trace_id = %n.trace.trace_id, node = %n.node, "queue notice");
                 op.tell(&queue);
             }
         }
@@ -548,7 +549,7 @@ impl Realtime {
         let addr = entry.clone();
         drop(entry);
         self.listen(tenant, subject::agent(tenant.id, agent_id), move |rt, n| {
-            rt.deliver_agent_here(n.tenant, agent_id, n.payload);
+            rt.deliver_agent_here(agent_id, n);
         });
         addr
     }
@@ -577,7 +578,7 @@ impl Realtime {
             tenant,
             subject::visitor(tenant.id, visitor_id),
             move |rt, n| {
-                rt.deliver_visitor_here(n.tenant, visitor_id, n.payload);
+                rt.deliver_visitor_here(visitor_id, n);
             },
         );
         addr
@@ -597,11 +598,19 @@ impl Realtime {
         }
     }
 
-    fn deliver_agent_here(&self, tenant_id: i64, agent_id: i64, frame: bytes::Bytes) {
-        let Ok(frame) = ByteString::try_from(frame) else {
+    /// Hands a frame another node published for an agent to the agent's hub here.
+    fn deliver_agent_here(&self, agent_id: i64, n: Notice) {
+        let Ok(frame) = ByteString::try_from(n.payload) else {
             return;
         };
-        if let Some(a) = self.inner.agents.get(&(tenant_id, agent_id)) {
+        tracing::debug!(
+            trace_id = %n.trace.trace_id,
+            from = %n.node,
+            tenant_id = n.tenant,
+            agent_id,
+            "delivering a frame from another node"
+        );
+        if let Some(a) = self.inner.agents.get(&(n.tenant, agent_id)) {
             a.do_send(conn::Deliver {
                 frame,
                 except: None,
@@ -609,11 +618,19 @@ impl Realtime {
         }
     }
 
-    fn deliver_visitor_here(&self, tenant_id: i64, visitor_id: i64, frame: bytes::Bytes) {
-        let Ok(frame) = ByteString::try_from(frame) else {
+    /// Hands a frame another node published for a visitor to the visitor's hub here.
+    fn deliver_visitor_here(&self, visitor_id: i64, n: Notice) {
+        let Ok(frame) = ByteString::try_from(n.payload) else {
             return;
         };
-        if let Some(a) = self.inner.visitors.get(&(tenant_id, visitor_id)) {
+        tracing::debug!(
+            trace_id = %n.trace.trace_id,
+            from = %n.node,
+            tenant_id = n.tenant,
+            visitor_id,
+            "delivering a frame from another node"
+        );
+        if let Some(a) = self.inner.visitors.get(&(n.tenant, visitor_id)) {
             a.do_send(conn::Deliver {
                 frame,
                 except: None,
@@ -622,13 +639,21 @@ impl Realtime {
     }
 
     /// Delivers a frame to every connection of an agent: on this node directly, and in
-    /// cluster mode also to the node(s) hosting the agent.
-    pub fn to_agent(&self, tenant_id: i64, agent_id: i64, frame: ByteString, except: Option<u64>) {
+    /// cluster mode also to the node(s) hosting the agent (as part of `trace`).
+    pub fn to_agent(
+        &self,
+        tenant_id: i64,
+        agent_id: i64,
+        frame: ByteString,
+        except: Option<u64>,
+        trace: Option<&TraceContext>,
+    ) {
         if let Some(c) = &self.inner.cluster {
             c.publish(
                 tenant_id,
                 subject::agent(tenant_id, agent_id),
                 frame.as_bytes().clone(),
+                trace,
             );
         }
         if let Some(a) = self.inner.agents.get(&(tenant_id, agent_id)) {
@@ -643,12 +668,14 @@ impl Realtime {
         visitor_id: i64,
         frame: ByteString,
         except: Option<u64>,
+        trace: Option<&TraceContext>,
     ) {
         if let Some(c) = &self.inner.cluster {
             c.publish(
                 tenant_id,
                 subject::visitor(tenant_id, visitor_id),
                 frame.as_bytes().clone(),
+                trace,
             );
         }
         if let Some(a) = self.inner.visitors.get(&(tenant_id, visitor_id)) {

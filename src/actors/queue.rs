@@ -413,7 +413,7 @@ impl QueueActor {
                         position: i + 1,
                     }
                     .encode();
-                    self.rt.to_visitor(tenant, e.visitor_id, frame, None);
+                    self.rt.to_visitor(tenant, e.visitor_id, frame, None, None);
                 }
             }
         }

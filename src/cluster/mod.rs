@@ -28,6 +28,8 @@ use tokio::sync::{mpsc, watch};
 
 pub use lease::Leases;
 
+use crate::trace_context::TraceContext;
+
 /// Header naming the node that published a notice (a node ignores its own).
 pub const HDR_NODE: &str = "Kefu-Node";
 /// Header naming the tenant (id) a notice belongs to; checked against the subject.
@@ -65,7 +67,8 @@ pub struct Notice {
     pub tenant: i64,
     /// Who published it.
     pub node: String,
-    pub traceparent: Option<String>,
+    /// The sender's trace (a malformed or missing header starts a new one).
+    pub trace: TraceContext,
     pub payload: Bytes,
     /// Where to answer (queue requests only).
     pub reply: Option<Subject>,
@@ -183,19 +186,28 @@ impl Cluster {
         )
     }
 
-    fn headers(&self, tenant: i64) -> HeaderMap {
+    /// The headers of a notice: who sends it, for which tenant, in which trace (a child of
+    /// the work that caused it, or a new trace).
+    fn headers(&self, tenant: i64, trace: Option<&TraceContext>) -> HeaderMap {
+        let trace = trace.map_or_else(TraceContext::root, TraceContext::child);
         let mut h = HeaderMap::new();
         h.insert(HDR_NODE, self.inner.node.as_str());
         h.insert(HDR_TENANT, tenant.to_string().as_str());
-        h.insert(HDR_TRACEPARENT, new_traceparent().as_str());
+        h.insert(HDR_TRACEPARENT, trace.header().as_str());
         h
     }
 
     /// Publishes a notice without waiting. Notices from one caller leave in the order given.
-    pub fn publish(&self, tenant: i64, subject: String, payload: Bytes) {
+    pub fn publish(
+        &self,
+        tenant: i64,
+        subject: String,
+        payload: Bytes,
+        trace: Option<&TraceContext>,
+    ) {
         let out = Outgoing {
             subject,
-            headers: self.headers(tenant),
+            headers: self.headers(tenant, trace),
             payload,
         };
         if self.inner.outbox.try_send(out).is_err() {
@@ -215,7 +227,7 @@ impl Cluster {
     ) -> Result<Bytes, async_nats::RequestError> {
         let request = async_nats::Request::new()
             .payload(payload)
-            .headers(self.headers(tenant))
+            .headers(self.headers(tenant, None))
             .timeout(Some(REQUEST_TIMEOUT));
         let reply = self.inner.client.send_request(subject, request).await?;
         Ok(reply.payload)
@@ -274,7 +286,9 @@ impl Cluster {
                 handler(Notice {
                     tenant,
                     node,
-                    traceparent: header(HDR_TRACEPARENT),
+                    trace: header(HDR_TRACEPARENT)
+                        .and_then(|t| TraceContext::parse(&t))
+                        .unwrap_or_else(TraceContext::root),
                     payload: msg.payload,
                     reply: msg.reply,
                 });
@@ -327,11 +341,4 @@ async fn publisher(client: async_nats::Client, mut rx: mpsc::Receiver<Outgoing>)
             tracing::warn!(error = %e, "notice not published (clients resync)");
         }
     }
-}
-
-/// A fresh W3C `traceparent` (version 00, sampled).
-pub fn new_traceparent() -> String {
-    let trace = uuid::Uuid::new_v4().simple().to_string();
-    let span = &uuid::Uuid::new_v4().simple().to_string()[..16];
-    format!("00-{trace}-{span}-01")
 }

@@ -12,6 +12,7 @@ use tracing::Instrument;
 
 use super::error::{StorageFailed, error_body};
 use crate::tenancy::extract::TenantCall;
+use crate::trace_context::TraceContext;
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -39,12 +40,15 @@ pub async fn request_context(
         })
         .map(str::to_owned)
         .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
-    let trace_id = req
+    // The caller's trace, continued with a span of our own, or a new trace: every request
+    // has one, so its log lines (and what it causes on other nodes) can be found together.
+    let trace = req
         .headers()
         .get("traceparent")
         .and_then(|v| v.to_str().ok())
-        .and_then(trace_id_of)
-        .unwrap_or_default();
+        .and_then(TraceContext::parse)
+        .map_or_else(TraceContext::root, |t| t.child());
+    let trace_id = trace.trace_id.clone();
     let span = tracing::info_span!(
         "http",
         request_id = %id,
@@ -52,6 +56,7 @@ pub async fn request_context(
         tenant = tracing::field::Empty,
     );
     req.extensions_mut().insert(RequestId(id.clone()));
+    req.extensions_mut().insert(trace);
     let method = req.method().clone();
     let path = req.path().to_owned();
     let started = Instant::now();
@@ -78,14 +83,6 @@ pub async fn request_context(
         )
     });
     Ok(res)
-}
-
-/// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`).
-fn trace_id_of(tp: &str) -> Option<String> {
-    let mut parts = tp.split('-');
-    let (_version, trace, _parent, _flags) =
-        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    (trace.len() == 32 && trace.bytes().all(|b| b.is_ascii_hexdigit())).then(|| trace.to_owned())
 }
 
 /// Rewrites an error response that is not JSON (actix-web's own 404/405/400) into the
@@ -118,17 +115,4 @@ fn ensure_json_error(res: ServiceResponse<BoxBody>) -> ServiceResponse<BoxBody> 
         }
     }
     ServiceResponse::new(req, new)
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn trace_ids() {
-        assert_eq!(
-            super::trace_id_of("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
-                .as_deref(),
-            Some("4bf92f3577b34da6a3ce929d0e0e4736")
-        );
-        assert_eq!(super::trace_id_of("garbage"), None);
-    }
 }

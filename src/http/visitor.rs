@@ -4,6 +4,8 @@
 use std::time::Duration;
 
 use actix_web::{HttpResponse, web};
+
+use crate::trace_context::TraceContext;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -141,6 +143,7 @@ pub async fn send_message(
     state: web::Data<AppState>,
     visitor: AuthVisitor,
     id: web::Path<i64>,
+    trace: Option<web::ReqData<TraceContext>>,
     JsonBody(body): JsonBody<SendBody>,
 ) -> Result<HttpResponse, ApiError> {
     check_send(
@@ -164,7 +167,11 @@ pub async fn send_message(
     let written = state
         .realtime
         .conversation(&visitor.tenant.record, *id)
-        .send(Submit { op, origin: None })
+        .send(Submit {
+            op,
+            origin: None,
+            trace: trace.map(web::ReqData::into_inner),
+        })
         .await
         .map_err(|_| ApiError::Unavailable("the conversation is restarting; send again".into()))?
         .map_err(write_err)?;

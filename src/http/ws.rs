@@ -8,7 +8,7 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix_web::{HttpRequest, HttpResponse, web};
+use actix_web::{HttpMessage, HttpRequest, HttpResponse, web};
 use actix_ws::{AggregatedMessage, CloseCode, CloseReason, ProtocolError};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use sea_orm::DatabaseConnection;
@@ -29,10 +29,13 @@ use crate::conversations::{
 };
 use crate::governance::{Limit, Limits};
 use crate::metrics::{self, Channel, ConnKind, Direction};
-use crate::protocol::{ClientContent, ClientFrame, ServerFrame, error_frame, parse_client_frame};
+use crate::protocol::{
+    ClientContent, ClientFrame, ParsedFrame, ServerFrame, error_frame, parse_client_frame,
+};
 use crate::startup::AppState;
 use crate::storage::writer::WriteOp;
 use crate::tenancy::TenantRecord;
+use crate::trace_context::TraceContext;
 
 /// Longest `client_msg_id`: long enough for a UUID with a prefix, short enough to index.
 pub const MAX_CLIENT_MSG_ID: usize = 64;
@@ -131,9 +134,16 @@ fn upgrade(
     let rt = state.realtime.clone();
     let limits = state.limits.clone();
     let span = tracing::Span::current();
+    // The upgrade request's trace: frames without a `traceparent` of their own continue it.
+    let trace = req
+        .extensions()
+        .get::<TraceContext>()
+        .cloned()
+        .unwrap_or_else(TraceContext::root);
     actix_web::rt::spawn(tracing::Instrument::instrument(
         async move {
-            let (conn, out, kill) = Connection::new(rt, limits, tenant, db, who);
+            let (mut conn, out, kill) = Connection::new(rt, limits, tenant, db, who);
+            conn.trace = trace;
             conn.run(session, stream, out, kill).await;
         },
         span,
@@ -155,6 +165,9 @@ struct Connection {
     limits: Limits,
     /// Frames refused for flooding so far; past the limit the connection is closed.
     refused: u32,
+    /// The trace of the upgrade request; each frame's work is a child of it (or of the
+    /// frame's own `traceparent`).
+    trace: TraceContext,
 }
 
 impl Connection {
@@ -181,6 +194,7 @@ impl Connection {
                 limiter,
                 limits,
                 refused: 0,
+                trace: TraceContext::root(),
             },
             out,
             kill,
@@ -370,10 +384,15 @@ impl Connection {
     }
 
     fn handle_text(&mut self, text: &str) {
-        let (reference, frame) = match parse_client_frame(text) {
+        let ParsedFrame {
+            reference,
+            traceparent,
+            frame,
+        } = match parse_client_frame(text) {
             Ok(parsed) => parsed,
             Err(e) => return self.refuse(e.reference.as_ref(), e.code, &e.message),
         };
+        let trace = traceparent.unwrap_or_else(|| self.trace.child());
         let r = reference.as_ref();
         match frame {
             ClientFrame::Ping => self.conn.push(ServerFrame::Pong { reference: r }.encode()),
@@ -405,6 +424,7 @@ impl Connection {
                 let submit = Submit {
                     op,
                     origin: Some(self.origin(reference)),
+                    trace: Some(trace),
                 };
                 self.submit(conversation_id, submit);
             }
@@ -433,6 +453,7 @@ impl Connection {
                         seq,
                     },
                     origin: Some(self.origin(reference)),
+                    trace: Some(trace),
                 };
                 self.submit(conversation_id, submit);
             }

@@ -799,3 +799,54 @@ async fn the_nats_breaker_opens_while_the_broker_is_down_and_closes_after() {
         .unwrap();
     assert!(breaker_state(&metrics, "closed"), "{metrics}");
 }
+
+#[actix_web::test]
+async fn a_trace_id_follows_a_message_from_an_http_request_to_another_nodes_delivery() {
+    let c = TestCluster::start_with(2, &[("RUST_LOG", "info,kefu::actors=debug")]).await;
+    let [n1, n2] = &c.nodes[..] else {
+        unreachable!()
+    };
+    let t = n1.create_tenant("trc").await;
+    let (_, _, mut agent) = agent_on(n1, n2, &t, "a@trc.test", 5).await;
+    let v = new_visitor(n1, &t).await;
+    let conv = open_conversation(n1, &t, &v, None).await["conversation_id"]
+        .as_i64()
+        .unwrap();
+    agent.recv_type("assigned").await;
+
+    // A long-poll send on node 1, in the caller's trace...
+    let trace_id = "0af7651916cd43dd8448eb211c80319c";
+    let res = n1
+        .client()
+        .post(n1.url(&format!("/api/v1/visitor/conversations/{conv}/messages")))
+        .header("Host", &t.domain)
+        .header("traceparent", format!("00-{trace_id}-b7ad6b7169203331-01"))
+        .bearer_auth(&v.token)
+        .json(&json!({"client_msg_id": "traced", "content": {"kind": "text", "text": "traced"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    agent.heard("traced").await;
+
+    // ...is in node 1's log for the request, and in node 2's for the delivery it caused.
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    loop {
+        let log1 = std::fs::read_to_string(&n1.log).unwrap_or_default();
+        let log2 = std::fs::read_to_string(&n2.log).unwrap_or_default();
+        let sent = log1
+            .lines()
+            .any(|l| l.contains(trace_id) && l.contains("request"));
+        let delivered = log2
+            .lines()
+            .any(|l| l.contains(trace_id) && l.contains("delivering a frame from another node"));
+        if sent && delivered {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "trace {trace_id} not followed: sent {sent}, delivered {delivered}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
