@@ -86,7 +86,8 @@ impl Cli {
             listen,
             data_dir: self.common.data_dir,
         })?;
-        telemetry::init(settings.log_format);
+        // Held to the end of the command: its drop sends the spans still buffered (OTLP).
+        let _telemetry = telemetry::init_with_export(&settings)?;
         match self.command {
             Command::Serve { demo, .. } => {
                 let app = Application::build(settings).await?;

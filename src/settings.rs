@@ -51,6 +51,8 @@ pub struct Settings {
     pub breakers: BreakerSettings,
     /// Bounded concurrency per tenant per dependency (docs/operations.md).
     pub bulkheads: BulkheadSettings,
+    /// Span export over OTLP/HTTP (binaries built with the `otlp` cargo feature).
+    pub otlp: OtlpSettings,
 }
 
 /// Token buckets: each limit refills at a sustained rate and holds a burst. The platform
@@ -242,6 +244,27 @@ impl Default for BulkheadSettings {
     }
 }
 
+/// Where spans go when the binary is built with the `otlp` feature (docs/operations.md,
+/// "Tracing export (OTLP)"). Without the feature a set endpoint is only warned about.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OtlpSettings {
+    /// Base URL of an OTLP/HTTP receiver (a collector), such as `http://127.0.0.1:4318`;
+    /// spans are POSTed to `<endpoint>/v1/traces`. Unset: nothing is exported.
+    pub endpoint: Option<String>,
+    /// `service.name` of the exported spans.
+    pub service_name: String,
+}
+
+impl Default for OtlpSettings {
+    fn default() -> Self {
+        Self {
+            endpoint: None,
+            service_name: "kefu".to_owned(),
+        }
+    }
+}
+
 /// The slowest dashboard refresh the supervisors' promise allows ("at least every 5 s").
 const MAX_DASHBOARD_PUSH_SECS: u64 = 5;
 
@@ -349,6 +372,7 @@ impl Default for Settings {
             dashboard: DashboardSettings::default(),
             breakers: BreakerSettings::default(),
             bulkheads: BulkheadSettings::default(),
+            otlp: OtlpSettings::default(),
         }
     }
 }
@@ -495,6 +519,28 @@ impl Settings {
         if !(1..=MAX_DASHBOARD_PUSH_SECS).contains(&self.dashboard.push_secs) {
             return bad("KEFU_DASHBOARD__PUSH_SECS", "must be 1 to 5");
         }
+        if let Some(endpoint) = &self.otlp.endpoint {
+            match url::Url::parse(endpoint) {
+                Ok(url) if url.scheme() == "http" && url.host().is_some() => {}
+                // The exporter is built without TLS to keep the optional dependency tree
+                // small: a collector next to the node (sidecar, agent) takes plain HTTP.
+                Ok(url) if url.scheme() == "https" => {
+                    return bad(
+                        "KEFU_OTLP__ENDPOINT",
+                        "https is not supported: send to a collector on this host or network over http://",
+                    );
+                }
+                _ => {
+                    return bad(
+                        "KEFU_OTLP__ENDPOINT",
+                        "must be an http:// URL such as http://127.0.0.1:4318",
+                    );
+                }
+            }
+        }
+        if self.otlp.service_name.trim().is_empty() {
+            return bad("KEFU_OTLP__SERVICE_NAME", "must not be empty");
+        }
         if rt.idle_timeout_secs <= rt.heartbeat_secs {
             return bad(
                 "KEFU_REALTIME__IDLE_TIMEOUT_SECS",
@@ -584,6 +630,18 @@ mod tests {
         assert_eq!(acme.messages_burst, 7);
         assert_eq!(acme.messages_per_sec, l.messages_per_sec);
         assert_eq!(l.for_tenant("other").messages_burst, l.messages_burst);
+    }
+
+    #[test]
+    fn an_otlp_endpoint_must_be_plain_http() {
+        let mut s = Settings::default();
+        s.otlp.endpoint = Some("http://127.0.0.1:4318".into());
+        assert!(s.validate().is_ok());
+        for bad in ["https://collector:4318", "127.0.0.1:4318", "not a url"] {
+            s.otlp.endpoint = Some(bad.into());
+            let err = s.validate().unwrap_err().to_string();
+            assert!(err.contains("KEFU_OTLP__ENDPOINT"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -42,12 +42,14 @@ pub async fn request_context(
         .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
     // The caller's trace, continued with a span of our own, or a new trace: every request
     // has one, so its log lines (and what it causes on other nodes) can be found together.
-    let trace = req
+    let caller = req
         .headers()
         .get("traceparent")
         .and_then(|v| v.to_str().ok())
-        .and_then(TraceContext::parse)
-        .map_or_else(TraceContext::root, |t| t.child());
+        .and_then(TraceContext::parse);
+    let trace = caller
+        .as_ref()
+        .map_or_else(TraceContext::root, TraceContext::child);
     let trace_id = trace.trace_id.clone();
     let span = tracing::info_span!(
         "http",
@@ -55,6 +57,9 @@ pub async fn request_context(
         trace_id = %trace_id,
         tenant = tracing::field::Empty,
     );
+    // Exported spans (the `otlp` feature) join the same trace the log lines name.
+    #[cfg(feature = "otlp")]
+    crate::telemetry::join_trace(&span, caller.as_ref().unwrap_or(&trace));
     req.extensions_mut().insert(RequestId(id.clone()));
     req.extensions_mut().insert(trace);
     let method = req.method().clone();

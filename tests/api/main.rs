@@ -17,6 +17,7 @@ mod loadtest_smoke;
 mod longpoll;
 mod metrics;
 mod onboarding;
+mod otlp;
 mod queue;
 mod resilience;
 mod restart;
