@@ -51,6 +51,37 @@ use visitor::VisitorActor;
 /// A tenant's key in the registry maps: (tenant id, actor id).
 type Key = (i64, i64);
 
+/// Hands a frame another node published for an agent or visitor to its hub here.
+fn deliver_here<A>(hubs: &DashMap<Key, Addr<A>>, kind: &'static str, id: i64, n: Notice)
+where
+    A: Actor<Context = actix::Context<A>> + actix::Handler<conn::Deliver>,
+{
+    let Ok(frame) = ByteString::try_from(n.payload) else {
+        return;
+    };
+    tracing::debug!(
+        trace_id = %n.trace.trace_id,
+        from = %n.node,
+        tenant_id = n.tenant,
+        kind,
+        id,
+        "delivering a frame from another node"
+    );
+    if let Some(hub) = hubs.get(&(n.tenant, id)) {
+        hub.do_send(conn::Deliver {
+            frame,
+            except: None,
+        });
+    }
+}
+
+/// What a registry lookup found.
+enum Found<A: Actor> {
+    Running(Addr<A>),
+    /// Started by this lookup.
+    Started(Addr<A>),
+}
+
 /// Cluster mode: how often a node reports its agents to each queue, checks its leases and
 /// tries to take over queues nobody runs. Takeover after a node dies needs about one tick.
 const CLUSTER_TICK: Duration = Duration::from_secs(1);
@@ -254,39 +285,53 @@ impl Realtime {
         });
     }
 
+    /// Finds the running actor under `key` in `map`, or starts one with `make` on the key's
+    /// arbiter (then the caller sets up what a new actor needs, its subscription).
+    fn start_registered<A>(
+        &self,
+        map: &DashMap<Key, Addr<A>>,
+        kind: &'static str,
+        key: Key,
+        make: impl Fn() -> A + Clone + Send + 'static,
+    ) -> Found<A>
+    where
+        A: Actor<Context = actix::Context<A>>,
+    {
+        // Read lock first: every message looks its conversation up.
+        if let Some(a) = live(map, &key) {
+            return Found::Running(a);
+        }
+        let arbiter = self.arbiter_for(&(kind, key)).clone();
+        let start = || {
+            let make = make.clone();
+            A::start_in_arbiter(&arbiter, move |_| make())
+        };
+        let mut entry = map.entry(key).or_insert_with(start);
+        if !entry.connected() {
+            *entry = start();
+        }
+        Found::Started(entry.clone())
+    }
+
     /// The conversation's actor on this node, started if needed.
     pub fn conversation(&self, tenant: &Arc<TenantRecord>, id: i64) -> Addr<ConversationActor> {
-        let key = (tenant.id, id);
-        // Read lock first: every message looks its conversation up.
-        if let Some(a) = live(&self.inner.conversations, &key) {
-            return a;
+        let (rt, t) = (self.clone(), tenant.clone());
+        let make = move || ConversationActor::new(rt.clone(), t.clone(), id);
+        match self.start_registered(&self.inner.conversations, "conv", (tenant.id, id), make) {
+            Found::Running(running) => running,
+            Found::Started(started) => {
+                self.listen(
+                    tenant,
+                    subject::conversation(tenant.id, id),
+                    move |rt, n| {
+                        if let Some(a) = live(&rt.inner.conversations, &(n.tenant, id)) {
+                            a.do_send(conversation::Changed);
+                        }
+                    },
+                );
+                started
+            }
         }
-        let rt = self.clone();
-        let t = tenant.clone();
-        let arbiter = self.arbiter_for(&("conv", key)).clone();
-        let mut entry = self.inner.conversations.entry(key).or_insert_with(|| {
-            let (rt, t) = (rt.clone(), t.clone());
-            ConversationActor::start_in_arbiter(&arbiter, move |_| {
-                ConversationActor::new(rt, t, id)
-            })
-        });
-        if !entry.connected() {
-            *entry = ConversationActor::start_in_arbiter(&arbiter, move |_| {
-                ConversationActor::new(rt, t, id)
-            });
-        }
-        let addr = entry.clone();
-        drop(entry);
-        self.listen(
-            tenant,
-            subject::conversation(tenant.id, id),
-            move |rt, n| {
-                if let Some(a) = live(&rt.inner.conversations, &(n.tenant, id)) {
-                    a.do_send(conversation::Changed);
-                }
-            },
-        );
-        addr
     }
 
     /// Tells the other nodes that a conversation changed hands (their actors for it forget
@@ -531,57 +576,37 @@ impl Realtime {
 
     /// The agent's hub, started if needed.
     pub fn agent_hub(&self, tenant: &Arc<TenantRecord>, agent_id: i64) -> Addr<AgentActor> {
-        let key = (tenant.id, agent_id);
-        if let Some(a) = live(&self.inner.agents, &key) {
-            return a;
+        let (rt, t) = (self.clone(), tenant.clone());
+        let make = move || AgentActor::new(rt.clone(), t.clone(), agent_id);
+        match self.start_registered(&self.inner.agents, "agent", (tenant.id, agent_id), make) {
+            Found::Running(running) => running,
+            Found::Started(started) => {
+                self.listen(tenant, subject::agent(tenant.id, agent_id), move |rt, n| {
+                    deliver_here(&rt.inner.agents, "agent", agent_id, n);
+                });
+                started
+            }
         }
-        let rt = self.clone();
-        let t = tenant.clone();
-        let arbiter = self.arbiter_for(&("agent", key)).clone();
-        let mut entry = self.inner.agents.entry(key).or_insert_with(|| {
-            let (rt, t) = (rt.clone(), t.clone());
-            AgentActor::start_in_arbiter(&arbiter, move |_| AgentActor::new(rt, t, agent_id))
-        });
-        if !entry.connected() {
-            *entry =
-                AgentActor::start_in_arbiter(&arbiter, move |_| AgentActor::new(rt, t, agent_id));
-        }
-        let addr = entry.clone();
-        drop(entry);
-        self.listen(tenant, subject::agent(tenant.id, agent_id), move |rt, n| {
-            rt.deliver_agent_here(agent_id, n);
-        });
-        addr
     }
 
     /// The visitor's hub, started if needed.
     pub fn visitor_hub(&self, tenant: &Arc<TenantRecord>, visitor_id: i64) -> Addr<VisitorActor> {
+        let (rt, t) = (self.clone(), tenant.clone());
+        let make = move || VisitorActor::new(rt.clone(), t.clone(), visitor_id);
         let key = (tenant.id, visitor_id);
-        if let Some(a) = live(&self.inner.visitors, &key) {
-            return a;
+        match self.start_registered(&self.inner.visitors, "visitor", key, make) {
+            Found::Running(running) => running,
+            Found::Started(started) => {
+                self.listen(
+                    tenant,
+                    subject::visitor(tenant.id, visitor_id),
+                    move |rt, n| {
+                        deliver_here(&rt.inner.visitors, "visitor", visitor_id, n);
+                    },
+                );
+                started
+            }
         }
-        let rt = self.clone();
-        let t = tenant.clone();
-        let arbiter = self.arbiter_for(&("visitor", key)).clone();
-        let mut entry = self.inner.visitors.entry(key).or_insert_with(|| {
-            let (rt, t) = (rt.clone(), t.clone());
-            VisitorActor::start_in_arbiter(&arbiter, move |_| VisitorActor::new(rt, t, visitor_id))
-        });
-        if !entry.connected() {
-            *entry = VisitorActor::start_in_arbiter(&arbiter, move |_| {
-                VisitorActor::new(rt, t, visitor_id)
-            });
-        }
-        let addr = entry.clone();
-        drop(entry);
-        self.listen(
-            tenant,
-            subject::visitor(tenant.id, visitor_id),
-            move |rt, n| {
-                rt.deliver_visitor_here(visitor_id, n);
-            },
-        );
-        addr
     }
 
     /// Cluster mode: waits until frames published for this agent (or visitor) reach this
@@ -595,46 +620,6 @@ impl Realtime {
         }
         if let Some(v) = visitor {
             c.ready(&subject::visitor(tenant_id, v)).await;
-        }
-    }
-
-    /// Hands a frame another node published for an agent to the agent's hub here.
-    fn deliver_agent_here(&self, agent_id: i64, n: Notice) {
-        let Ok(frame) = ByteString::try_from(n.payload) else {
-            return;
-        };
-        tracing::debug!(
-            trace_id = %n.trace.trace_id,
-            from = %n.node,
-            tenant_id = n.tenant,
-            agent_id,
-            "delivering a frame from another node"
-        );
-        if let Some(a) = self.inner.agents.get(&(n.tenant, agent_id)) {
-            a.do_send(conn::Deliver {
-                frame,
-                except: None,
-            });
-        }
-    }
-
-    /// Hands a frame another node published for a visitor to the visitor's hub here.
-    fn deliver_visitor_here(&self, visitor_id: i64, n: Notice) {
-        let Ok(frame) = ByteString::try_from(n.payload) else {
-            return;
-        };
-        tracing::debug!(
-            trace_id = %n.trace.trace_id,
-            from = %n.node,
-            tenant_id = n.tenant,
-            visitor_id,
-            "delivering a frame from another node"
-        );
-        if let Some(a) = self.inner.visitors.get(&(n.tenant, visitor_id)) {
-            a.do_send(conn::Deliver {
-                frame,
-                except: None,
-            });
         }
     }
 

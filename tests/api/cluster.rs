@@ -276,6 +276,37 @@ async fn agent_on(
     (id, token, ws)
 }
 
+/// A conversation split across two nodes: the visitor's socket on the first, its agent on
+/// the second, already assigned.
+struct Split {
+    t: TestTenant,
+    agent_id: i64,
+    agent: Ws,
+    v: Visitor,
+    visitor: Ws,
+    conv: i64,
+}
+
+async fn split_conversation(c: &TestCluster, prefix: &str) -> Split {
+    let (n1, n2) = (&c.nodes[0], &c.nodes[1]);
+    let t = n1.create_tenant(prefix).await;
+    let (agent_id, _, mut agent) = agent_on(n1, n2, &t, &format!("a@{prefix}.test"), 5).await;
+    let v = new_visitor(n1, &t).await;
+    let visitor = visitor_socket(n1, &t, &v).await;
+    let conv = open_conversation(n1, &t, &v, None).await["conversation_id"]
+        .as_i64()
+        .unwrap();
+    agent.recv_type("assigned").await;
+    Split {
+        t,
+        agent_id,
+        agent,
+        v,
+        visitor,
+        conv,
+    }
+}
+
 /// Connects a visitor's socket to `node`.
 async fn visitor_socket(node: &Node, t: &TestTenant, v: &Visitor) -> Ws {
     Ws::connect(node, &t.domain, "/ws/visitor", &v.token)
@@ -439,14 +470,14 @@ async fn an_agent_whose_node_dies_and_does_not_return_loses_conversations_to_one
 #[actix_web::test]
 async fn a_node_killed_mid_conversation_loses_nothing() {
     let mut c = TestCluster::start(2).await;
-    let t = c.nodes[0].create_tenant("kil").await;
-    let (agent_id, _, mut agent) = agent_on(&c.nodes[0], &c.nodes[1], &t, "a@kil.test", 5).await;
-    let v = new_visitor(&c.nodes[0], &t).await;
-    let mut visitor = visitor_socket(&c.nodes[0], &t, &v).await;
-    let conv = open_conversation(&c.nodes[0], &t, &v, None).await["conversation_id"]
-        .as_i64()
-        .unwrap();
-    agent.recv_type("assigned").await;
+    let Split {
+        t,
+        agent_id,
+        mut agent,
+        v,
+        mut visitor,
+        conv,
+    } = split_conversation(&c, "kil").await;
 
     // The visitor sends 20 messages without waiting, and node 1 dies while they go.
     let mut acked: HashMap<String, i64> = HashMap::new();
@@ -588,14 +619,13 @@ async fn the_queue_moves_when_its_node_dies_and_assigns_each_visitor_once() {
 #[actix_web::test]
 async fn nats_restarts_and_nodes_recover_by_themselves() {
     let mut c = TestCluster::start(2).await;
-    let t = c.nodes[0].create_tenant("nat").await;
-    let (_, _, mut agent) = agent_on(&c.nodes[0], &c.nodes[1], &t, "a@nat.test", 5).await;
-    let v = new_visitor(&c.nodes[0], &t).await;
-    let mut visitor = visitor_socket(&c.nodes[0], &t, &v).await;
-    let conv = open_conversation(&c.nodes[0], &t, &v, None).await["conversation_id"]
-        .as_i64()
-        .unwrap();
-    agent.recv_type("assigned").await;
+    let Split {
+        t,
+        mut agent,
+        mut visitor,
+        conv,
+        ..
+    } = split_conversation(&c, "nat").await;
     let ack = visitor.say(conv, "before", "before").await;
     let before = ack["seq"].as_i64().unwrap();
     agent.heard("before").await;
@@ -803,16 +833,16 @@ async fn the_nats_breaker_opens_while_the_broker_is_down_and_closes_after() {
 #[actix_web::test]
 async fn a_trace_id_follows_a_message_from_an_http_request_to_another_nodes_delivery() {
     let c = TestCluster::start_with(2, &[("RUST_LOG", "info,kefu::actors=debug")]).await;
+    let Split {
+        t,
+        mut agent,
+        v,
+        conv,
+        ..
+    } = split_conversation(&c, "trc").await;
     let [n1, n2] = &c.nodes[..] else {
         unreachable!()
     };
-    let t = n1.create_tenant("trc").await;
-    let (_, _, mut agent) = agent_on(n1, n2, &t, "a@trc.test", 5).await;
-    let v = new_visitor(n1, &t).await;
-    let conv = open_conversation(n1, &t, &v, None).await["conversation_id"]
-        .as_i64()
-        .unwrap();
-    agent.recv_type("assigned").await;
 
     // A long-poll send on node 1, in the caller's trace...
     let trace_id = "0af7651916cd43dd8448eb211c80319c";

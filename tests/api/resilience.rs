@@ -47,6 +47,14 @@ async fn breakers(app: &TestApp) -> Value {
     ready["breakers"].clone()
 }
 
+async fn metrics(app: &TestApp) -> String {
+    app.platform(Method::GET, "/metrics", None)
+        .await
+        .text()
+        .await
+        .unwrap()
+}
+
 /// Runs SQL on the maintenance database of the test PostgreSQL server.
 async fn admin_sql(sql: &str) {
     let mut conn = sqlx::PgConnection::connect(&format!("{}/postgres", postgres_server()))
@@ -143,12 +151,7 @@ async fn a_tenant_database_breaker_opens_fails_fast_probes_and_closes() {
     assert_eq!(texts, ["ok-1", "back", "ws-back"]);
 
     // And the metrics show the trip.
-    let metrics = app
-        .platform(Method::GET, "/metrics", None)
-        .await
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics(&app).await;
     assert!(
         metrics.contains(
             "kefu_circuit_breaker_transitions_total{dependency=\"tenant_db\",state=\"open\"}"
@@ -235,12 +238,7 @@ async fn a_locked_tenant_fills_its_own_compartment_and_not_anothers() {
         send(&app, &slow, &sv, slow_conv, "after").await.status(),
         StatusCode::CREATED
     );
-    let metrics = app
-        .platform(Method::GET, "/metrics", None)
-        .await
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics(&app).await;
     assert!(
         metrics.contains("kefu_bulkhead_rejections_total{compartment=\"tenant_db_requests\"} 1"),
         "{metrics}"
