@@ -48,15 +48,17 @@ impl ConversationActor {
         self.idle = Some(ctx.run_later(IDLE_STOP, |_, ctx| ctx.stop()));
     }
 
-    /// Sends the frames of a stored write to everyone concerned.
-    fn deliver(&mut self, written: &Written, except: Option<u64>) {
+    /// Sends the frames of a stored write to everyone concerned; done once every hub has
+    /// queued them on its sockets.
+    fn deliver(&mut self, written: &Written, except: Option<u64>) -> Delivered {
+        let mut pending = Delivered::default();
         let Written::Stored {
             message,
             conversation: conv,
             before,
         } = written
         else {
-            return;
+            return pending;
         };
         self.participants = Some((conv.visitor_id, conv.agent_id));
         let view = MessageView::from(message.clone());
@@ -64,17 +66,46 @@ impl ConversationActor {
         frames.extend(event_frames(&view));
         let tenant = self.tenant.id;
         for f in &frames {
-            self.rt
-                .to_visitor(tenant, conv.visitor_id, f.clone(), except);
+            pending.visitors.extend(self.rt.to_visitor_ordered(
+                tenant,
+                conv.visitor_id,
+                f.clone(),
+                except,
+            ));
             if let Some(a) = conv.agent_id {
-                self.rt.to_agent(tenant, a, f.clone(), except);
+                pending
+                    .agents
+                    .extend(self.rt.to_agent_ordered(tenant, a, f.clone(), except));
             }
             // The agent who just lost the conversation (transfer, requeue, close) is told too.
             if let Some(old) = before.agent_id
                 && Some(old) != conv.agent_id
             {
-                self.rt.to_agent(tenant, old, f.clone(), except);
+                pending
+                    .agents
+                    .extend(self.rt.to_agent_ordered(tenant, old, f.clone(), except));
             }
+        }
+        pending
+    }
+}
+
+/// Frames handed to hubs, not yet queued on their sockets.
+#[derive(Default)]
+struct Delivered {
+    agents: Vec<actix::dev::Request<super::agent::AgentActor, super::conn::Deliver>>,
+    visitors: Vec<actix::dev::Request<super::visitor::VisitorActor, super::conn::Deliver>>,
+}
+
+impl Delivered {
+    /// Done when every hub has queued its frames (or is gone: then nobody is left to order
+    /// against).
+    async fn done(self) {
+        for r in self.agents {
+            let _ = r.await;
+        }
+        for r in self.visitors {
+            let _ = r.await;
         }
     }
 }
@@ -179,8 +210,11 @@ impl Handler<Submit> for ConversationActor {
             let db = rt.db(&tenant).await.map_err(|_| WriteError::Unavailable)?;
             rt.writers().write(tenant.id, &db, op).await
         };
-        AtomicResponse::new(Box::pin(write.into_actor(self).map(
+        // Atomic until the hubs have queued this write's frames: the next write's ack goes
+        // straight to its sender's socket and must not overtake them there.
+        AtomicResponse::new(Box::pin(write.into_actor(self).then(
             move |result, act, _| {
+                let mut delivered = Delivered::default();
                 // A message is not echoed to the connection it came from (that one gets the ack);
                 // a change is, as its confirmation.
                 let except = match &msg.op {
@@ -212,7 +246,7 @@ impl Handler<Submit> for ConversationActor {
                                 );
                             }
                         }
-                        act.deliver(written, except);
+                        delivered = act.deliver(written, except);
                         if let WriteOp::Read {
                             conversation_id,
                             reader,
@@ -230,7 +264,11 @@ impl Handler<Submit> for ConversationActor {
                     }
                     (Err(_), None, _) => {}
                 }
-                result
+                async move {
+                    delivered.done().await;
+                    result
+                }
+                .into_actor(act)
             },
         )))
     }

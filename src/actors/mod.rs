@@ -249,6 +249,32 @@ impl Realtime {
         entry.clone()
     }
 
+    /// Like [`Self::to_agent`], but the answer comes once the hub has queued the frame on the
+    /// agent's sockets. A conversation waits for it before its next write, so that the ack of
+    /// that write (queued straight on the sender's socket) cannot overtake this frame.
+    pub fn to_agent_ordered(
+        &self,
+        tenant_id: i64,
+        agent_id: i64,
+        frame: ByteString,
+        except: Option<u64>,
+    ) -> Option<actix::dev::Request<AgentActor, conn::Deliver>> {
+        let hub = self.inner.agents.get(&(tenant_id, agent_id))?;
+        Some(hub.send(conn::Deliver { frame, except }))
+    }
+
+    /// [`Self::to_agent_ordered`] for a visitor.
+    pub fn to_visitor_ordered(
+        &self,
+        tenant_id: i64,
+        visitor_id: i64,
+        frame: ByteString,
+        except: Option<u64>,
+    ) -> Option<actix::dev::Request<VisitorActor, conn::Deliver>> {
+        let hub = self.inner.visitors.get(&(tenant_id, visitor_id))?;
+        Some(hub.send(conn::Deliver { frame, except }))
+    }
+
     /// Delivers a frame to every connection of an agent on this node (none: nothing to do).
     pub fn to_agent(&self, tenant_id: i64, agent_id: i64, frame: ByteString, except: Option<u64>) {
         if let Some(a) = self.inner.agents.get(&(tenant_id, agent_id)) {
