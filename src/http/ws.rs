@@ -174,20 +174,27 @@ impl Connection {
         mut out: Outbound,
         mut kill: KillSwitch,
     ) {
-        let s = self.rt.settings().clone();
+        let s = self.rt.settings();
+        let (heartbeat, idle_timeout, flood_limit) = (
+            Duration::from_secs(s.heartbeat_secs),
+            Duration::from_secs(s.idle_timeout_secs),
+            s.flood_limit,
+        );
         let mut stream = stream
             .max_frame_size(s.max_frame_bytes)
             .aggregate_continuations()
             .max_continuation_size(s.max_frame_bytes);
-        if session.text(self.hello().await).await.is_err() {
+        // The opening steps (database queries, the hub's answer) run in futures of their own,
+        // freed once done: inline, their state would be part of this task's future and stay
+        // allocated, several kilobytes, for as long as the connection is open.
+        let hello = Box::pin(self.hello()).await;
+        if session.text(hello).await.is_err() {
             return;
         }
-        self.attach().await;
+        Box::pin(self.attach()).await;
         tracing::debug!(conn = self.conn.id, who = ?self.who, "connection open");
 
         let shutdown = self.rt.shutdown_token();
-        let heartbeat = Duration::from_secs(s.heartbeat_secs);
-        let idle_timeout = Duration::from_secs(s.idle_timeout_secs);
         let mut ticker = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
         let mut last_heard = Instant::now();
         let reason: Option<CloseReason> = loop {
@@ -208,7 +215,7 @@ impl Connection {
                         Some(Ok(AggregatedMessage::Text(text))) => {
                             if self.limiter.check().is_err() {
                                 self.refused += 1;
-                                if self.refused >= s.flood_limit {
+                                if self.refused >= flood_limit {
                                     break Some(close(CloseCode::Policy, "flooding"));
                                 }
                                 self.conn.push(error_frame(None, "rate_limited", "too many frames; slow down"));
