@@ -210,10 +210,8 @@ impl Handler<Submit> for ConversationActor {
             let db = rt.db(&tenant).await.map_err(|_| WriteError::Unavailable)?;
             rt.writers().write(tenant.id, &db, op).await
         };
-        // Atomic until the hubs have queued this write's frames: the next write's ack goes
-        // straight to its sender's socket and must not overtake them there.
-        AtomicResponse::new(Box::pin(write.into_actor(self).then(
-            move |result, act, _| {
+        AtomicResponse::new(Box::pin(write.into_actor(self).map(
+            move |result, act, ctx| {
                 let mut delivered = Delivered::default();
                 // A message is not echoed to the connection it came from (that one gets the ack);
                 // a change is, as its confirmation.
@@ -264,11 +262,11 @@ impl Handler<Submit> for ConversationActor {
                     }
                     (Err(_), None, _) => {}
                 }
-                async move {
-                    delivered.done().await;
-                    result
-                }
-                .into_actor(act)
+                // The caller has its answer now; the next write waits until the hubs have
+                // queued this one's frames: its ack goes straight to its sender's socket and
+                // must not overtake them there.
+                ctx.wait(delivered.done().into_actor(act));
+                result
             },
         )))
     }
