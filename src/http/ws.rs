@@ -20,7 +20,7 @@ use super::ApiError;
 use super::auth::{AuthAgent, AuthVisitor, bearer};
 use crate::accounts::Role;
 use crate::actors::Realtime;
-use crate::actors::conn::{Attach, ConnHandle, Detach, Kill};
+use crate::actors::conn::{Attach, ConnHandle, Detach, TooSlow};
 use crate::actors::conversation::{Origin, Submit, Typing};
 use crate::actors::{agent, queue};
 use crate::conversations::log::{Closer, NewMessage};
@@ -115,8 +115,8 @@ fn upgrade(
     let span = tracing::Span::current();
     actix_web::rt::spawn(tracing::Instrument::instrument(
         async move {
-            let (conn, out, kill) = Connection::new(rt, tenant, db, who);
-            conn.run(session, stream, out, kill).await;
+            let (conn, out, too_slow) = Connection::new(rt, tenant, db, who);
+            conn.run(session, stream, out, too_slow).await;
         },
         span,
     ));
@@ -124,7 +124,6 @@ fn upgrade(
 }
 
 type Outbound = tokio::sync::mpsc::Receiver<bytestring::ByteString>;
-type KillSwitch = tokio::sync::mpsc::Receiver<Kill>;
 
 struct Connection {
     rt: Realtime,
@@ -143,9 +142,9 @@ impl Connection {
         tenant: Arc<TenantRecord>,
         db: DatabaseConnection,
         who: Who,
-    ) -> (Self, Outbound, KillSwitch) {
+    ) -> (Self, Outbound, Arc<TooSlow>) {
         let s = rt.settings();
-        let (conn, out, kill) = ConnHandle::new(rt.next_conn_id(), s.outbound_buffer);
+        let (conn, out, too_slow) = ConnHandle::new(rt.next_conn_id(), s.outbound_buffer);
         // Settings are validated non-zero at start-up.
         let per_sec = NonZeroU32::new(s.frames_per_sec).unwrap_or(NonZeroU32::MIN);
         let burst = NonZeroU32::new(s.frame_burst).unwrap_or(NonZeroU32::MIN);
@@ -161,7 +160,7 @@ impl Connection {
                 refused: 0,
             },
             out,
-            kill,
+            too_slow,
         )
     }
 }
@@ -172,7 +171,7 @@ impl Connection {
         mut session: actix_ws::Session,
         stream: actix_ws::MessageStream,
         mut out: Outbound,
-        mut kill: KillSwitch,
+        too_slow: Arc<TooSlow>,
     ) {
         let s = self.rt.settings();
         let (heartbeat, idle_timeout, flood_limit) = (
@@ -201,7 +200,7 @@ impl Connection {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break Some(close(CloseCode::Away, "server shutting down")),
-                Some(Kill::TooSlow) = kill.recv() => {
+                () = too_slow.raised() => {
                     break Some(close(CloseCode::Other(CLOSE_TOO_SLOW), "too slow: reconnect and sync"));
                 }
                 frame = out.recv() => match frame {
