@@ -113,6 +113,11 @@ struct ChatArgs {
     /// Length of the send window (`60s`, `500ms`, `2m`).
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     duration: Duration,
+    /// Base URL the agents' WebSockets connect to, when not --url: the other node of a
+    /// cluster pair, so that every message crosses nodes. Visitors, provisioning and the
+    /// stored check stay on --url. Not used for the baseline run (the relay is one process).
+    #[arg(long, env = "KEFU_LOADTEST_AGENT_URL")]
+    agent_url: Option<String>,
 }
 
 #[derive(Args, Clone)]
@@ -286,8 +291,11 @@ async fn run(cmd: Cmd) -> Result<bool> {
 
 fn chat_config(a: &ChatArgs, url: String) -> chat::ChatConfig {
     let t = &a.traffic;
+    // The agents' other node belongs to the server under test, not to the baseline relay.
+    let agent_url = a.agent_url.clone().filter(|_| url == a.common.url);
     chat::ChatConfig {
         url,
+        agent_url,
         platform_key: a.common.platform_key.clone(),
         conversations: t.conversations,
         agents: t.agents,
@@ -448,6 +456,39 @@ mod tests {
         assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
         assert!(parse_duration("5 parsecs").is_err());
         assert!(parse_duration("").is_err());
+    }
+
+    fn chat_args(argv: &[&str]) -> ChatArgs {
+        let cli = Cli::try_parse_from(argv).expect("arguments parse");
+        match cli.command {
+            Cmd::Chat(a) => a,
+            _ => panic!("not chat"),
+        }
+    }
+
+    #[test]
+    fn agents_use_the_server_url_unless_told_otherwise() {
+        let a = chat_args(&["kefu-loadtest", "chat", "--url", "http://127.0.0.1:8080"]);
+        assert_eq!(a.agent_url, None);
+        assert_eq!(chat_config(&a, a.common.url.clone()).agent_url, None);
+    }
+
+    #[test]
+    fn agent_url_applies_to_the_server_not_to_the_baseline() {
+        let a = chat_args(&[
+            "kefu-loadtest",
+            "chat",
+            "--url",
+            "http://127.0.0.1:8080",
+            "--agent-url",
+            "http://127.0.0.1:8081",
+            "--spawn-baseline",
+        ]);
+        let kefu = chat_config(&a, "http://127.0.0.1:8080".into());
+        assert_eq!(kefu.url, "http://127.0.0.1:8080");
+        assert_eq!(kefu.agent_url.as_deref(), Some("http://127.0.0.1:8081"));
+        let relay = chat_config(&a, "http://127.0.0.1:9000".into());
+        assert_eq!(relay.agent_url, None);
     }
 
     #[test]

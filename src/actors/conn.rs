@@ -1,14 +1,26 @@
 //! What actors hold of a client connection: a bounded outbound queue and a way to close it.
 
+use std::sync::Arc;
+
 use actix::Message;
 use bytestring::ByteString;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
-/// Why the server closes a connection on its own initiative.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kill {
-    /// The outbound queue filled up: the client does not read fast enough (close 4001).
-    TooSlow,
+/// Raised when a connection's outbound queue fills up: the client does not read fast enough,
+/// and the connection loop closes it (4001). A `Notify` rather than a channel: it is one of
+/// the few things every idle connection holds, and a channel costs some hundreds of bytes.
+#[derive(Debug, Default)]
+pub struct TooSlow(Notify);
+
+impl TooSlow {
+    /// Resolves once raised (also when raised before the wait began).
+    pub async fn raised(&self) {
+        self.0.notified().await
+    }
+
+    fn raise(&self) {
+        self.0.notify_one();
+    }
 }
 
 /// A connection as actors see it. Cloning is cheap; all clones feed the same socket.
@@ -16,15 +28,23 @@ pub enum Kill {
 pub struct ConnHandle {
     pub id: u64,
     tx: mpsc::Sender<ByteString>,
-    kill: mpsc::Sender<Kill>,
+    too_slow: Arc<TooSlow>,
 }
 
 impl ConnHandle {
-    /// A handle and the receiving ends the connection loop reads.
-    pub fn new(id: u64, buffer: usize) -> (Self, mpsc::Receiver<ByteString>, mpsc::Receiver<Kill>) {
+    /// A handle and what the connection loop watches: its outbound queue and the alarm.
+    pub fn new(id: u64, buffer: usize) -> (Self, mpsc::Receiver<ByteString>, Arc<TooSlow>) {
         let (tx, rx) = mpsc::channel(buffer);
-        let (kill, kill_rx) = mpsc::channel(1);
-        (Self { id, tx, kill }, rx, kill_rx)
+        let too_slow = Arc::new(TooSlow::default());
+        (
+            Self {
+                id,
+                tx,
+                too_slow: too_slow.clone(),
+            },
+            rx,
+            too_slow,
+        )
     }
 
     /// Queues a frame without waiting. A full queue means the client is not keeping up: rather
@@ -32,7 +52,7 @@ impl ConnHandle {
     /// comes back.
     pub fn push(&self, frame: ByteString) {
         if let Err(mpsc::error::TrySendError::Full(_)) = self.tx.try_send(frame) {
-            let _ = self.kill.try_send(Kill::TooSlow);
+            self.too_slow.raise();
         }
     }
 
@@ -76,12 +96,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_queue_closes_the_connection_instead_of_growing() {
-        let (conn, mut out, mut kill) = ConnHandle::new(1, 2);
+        let (conn, mut out, too_slow) = ConnHandle::new(1, 2);
+        let raised = |t: &TooSlow| futures_util::FutureExt::now_or_never(t.raised()).is_some();
         conn.push("a".into());
         conn.push("b".into());
-        assert!(kill.try_recv().is_err(), "room left: nothing to say");
+        assert!(!raised(&too_slow), "room left: nothing to say");
         conn.push("c".into());
-        assert_eq!(kill.try_recv().ok(), Some(Kill::TooSlow));
+        assert!(raised(&too_slow));
         // What was queued is still delivered in order; the frame that did not fit is dropped
         // (the client resyncs by seq when it reconnects).
         assert_eq!(out.recv().await.as_deref(), Some("a"));

@@ -51,15 +51,22 @@ impl ConversationActor {
         self.idle = Some(ctx.run_later(IDLE_STOP, |_, ctx| ctx.stop()));
     }
 
-    /// Sends the frames of a stored write to everyone concerned.
-    fn deliver(&mut self, written: &Written, except: Option<u64>, trace: Option<&TraceContext>) {
+    /// Sends the frames of a stored write to everyone concerned; done once every hub on this
+    /// node has queued them on its sockets (other nodes get them as notices, in `trace`).
+    fn deliver(
+        &mut self,
+        written: &Written,
+        except: Option<u64>,
+        trace: Option<&TraceContext>,
+    ) -> Delivered {
+        let mut pending = Delivered::default();
         let Written::Stored {
             message,
             conversation: conv,
             before,
         } = written
         else {
-            return;
+            return pending;
         };
         self.participants = Some((conv.visitor_id, conv.agent_id));
         let view = MessageView::from(message.clone());
@@ -67,17 +74,55 @@ impl ConversationActor {
         frames.extend(event_frames(&view));
         let tenant = self.tenant.id;
         for f in &frames {
-            self.rt
-                .to_visitor(tenant, conv.visitor_id, f.clone(), except, trace);
+            pending.visitors.extend(self.rt.to_visitor_ordered(
+                tenant,
+                conv.visitor_id,
+                f.clone(),
+                except,
+                trace,
+            ));
             if let Some(a) = conv.agent_id {
-                self.rt.to_agent(tenant, a, f.clone(), except, trace);
+                pending.agents.extend(self.rt.to_agent_ordered(
+                    tenant,
+                    a,
+                    f.clone(),
+                    except,
+                    trace,
+                ));
             }
             // The agent who just lost the conversation (transfer, requeue, close) is told too.
             if let Some(old) = before.agent_id
                 && Some(old) != conv.agent_id
             {
-                self.rt.to_agent(tenant, old, f.clone(), except, trace);
+                pending.agents.extend(self.rt.to_agent_ordered(
+                    tenant,
+                    old,
+                    f.clone(),
+                    except,
+                    trace,
+                ));
             }
+        }
+        pending
+    }
+}
+
+/// Frames handed to hubs, not yet queued on their sockets.
+#[derive(Default)]
+struct Delivered {
+    agents: Vec<actix::dev::Request<super::agent::AgentActor, super::conn::Deliver>>,
+    visitors: Vec<actix::dev::Request<super::visitor::VisitorActor, super::conn::Deliver>>,
+}
+
+impl Delivered {
+    /// Done when every hub has queued its frames (or is gone: then nobody is left to order
+    /// against).
+    async fn done(self) {
+        for r in self.agents {
+            let _ = r.await;
+        }
+        for r in self.visitors {
+            let _ = r.await;
         }
     }
 }
@@ -210,7 +255,8 @@ impl Handler<Submit> for ConversationActor {
         }
         .instrument(span);
         AtomicResponse::new(Box::pin(write.into_actor(self).map(
-            move |result, act, _| {
+            move |result, act, ctx| {
+                let mut delivered = Delivered::default();
                 // A message is not echoed to the connection it came from (that one gets the ack);
                 // a change is, as its confirmation.
                 let except = match &msg.op {
@@ -242,7 +288,7 @@ impl Handler<Submit> for ConversationActor {
                                 );
                             }
                         }
-                        act.deliver(written, except, msg.trace.as_ref());
+                        delivered = act.deliver(written, except, msg.trace.as_ref());
                         if let (WriteOp::Change(_), Written::Stored { .. }) = (op, written) {
                             act.rt.conversation_changed(act.tenant.id, act.id);
                         }
@@ -270,6 +316,10 @@ impl Handler<Submit> for ConversationActor {
                     }
                     (Err(_), None, _) => {}
                 }
+                // The caller has its answer now; the next write waits until the hubs have
+                // queued this one's frames: its ack goes straight to its sender's socket and
+                // must not overtake them there.
+                ctx.wait(delivered.done().into_actor(act));
                 result
             },
         )))

@@ -623,6 +623,60 @@ impl Realtime {
         }
     }
 
+    /// Like [`Self::to_agent`], but the answer comes once the hub on this node has queued the
+    /// frame on the agent's sockets. A conversation waits for it before its next write, so
+    /// that the ack of that write (queued straight on the sender's socket) cannot overtake
+    /// this frame. Other nodes get the frame as a notice, as with [`Self::to_agent`].
+    pub fn to_agent_ordered(
+        &self,
+        tenant_id: i64,
+        agent_id: i64,
+        frame: ByteString,
+        except: Option<u64>,
+        trace: Option<&TraceContext>,
+    ) -> Option<actix::dev::Request<AgentActor, conn::Deliver>> {
+        self.publish(
+            tenant_id,
+            subject::agent(tenant_id, agent_id),
+            &frame,
+            trace,
+        );
+        let hub = self.inner.agents.get(&(tenant_id, agent_id))?;
+        Some(hub.send(conn::Deliver { frame, except }))
+    }
+
+    /// [`Self::to_agent_ordered`] for a visitor.
+    pub fn to_visitor_ordered(
+        &self,
+        tenant_id: i64,
+        visitor_id: i64,
+        frame: ByteString,
+        except: Option<u64>,
+        trace: Option<&TraceContext>,
+    ) -> Option<actix::dev::Request<VisitorActor, conn::Deliver>> {
+        self.publish(
+            tenant_id,
+            subject::visitor(tenant_id, visitor_id),
+            &frame,
+            trace,
+        );
+        let hub = self.inner.visitors.get(&(tenant_id, visitor_id))?;
+        Some(hub.send(conn::Deliver { frame, except }))
+    }
+
+    /// Cluster mode: a frame for the nodes hosting its recipient.
+    fn publish(
+        &self,
+        tenant_id: i64,
+        subject: String,
+        frame: &ByteString,
+        trace: Option<&TraceContext>,
+    ) {
+        if let Some(c) = &self.inner.cluster {
+            c.publish(tenant_id, subject, frame.as_bytes().clone(), trace);
+        }
+    }
+
     /// Delivers a frame to every connection of an agent: on this node directly, and in
     /// cluster mode also to the node(s) hosting the agent (as part of `trace`).
     pub fn to_agent(
@@ -633,14 +687,12 @@ impl Realtime {
         except: Option<u64>,
         trace: Option<&TraceContext>,
     ) {
-        if let Some(c) = &self.inner.cluster {
-            c.publish(
-                tenant_id,
-                subject::agent(tenant_id, agent_id),
-                frame.as_bytes().clone(),
-                trace,
-            );
-        }
+        self.publish(
+            tenant_id,
+            subject::agent(tenant_id, agent_id),
+            &frame,
+            trace,
+        );
         if let Some(a) = self.inner.agents.get(&(tenant_id, agent_id)) {
             a.do_send(conn::Deliver { frame, except });
         }
@@ -655,14 +707,12 @@ impl Realtime {
         except: Option<u64>,
         trace: Option<&TraceContext>,
     ) {
-        if let Some(c) = &self.inner.cluster {
-            c.publish(
-                tenant_id,
-                subject::visitor(tenant_id, visitor_id),
-                frame.as_bytes().clone(),
-                trace,
-            );
-        }
+        self.publish(
+            tenant_id,
+            subject::visitor(tenant_id, visitor_id),
+            &frame,
+            trace,
+        );
         if let Some(a) = self.inner.visitors.get(&(tenant_id, visitor_id)) {
             a.do_send(conn::Deliver { frame, except });
         }

@@ -466,3 +466,179 @@ async fn insert(
     .insert(db)
     .await
 }
+
+/// The SQLite writer thread's append: the same rules as [`append_many`], one message at a time
+/// on a synchronous connection inside the writer's transaction. Each statement is prepared
+/// once per connection and reused (fixed SQL text), and nothing crosses a thread, so a message
+/// costs a few microseconds of SQLite work rather than a round trip per statement.
+pub mod sync {
+    use chrono::{DateTime, NaiveDateTime, SecondsFormat, Utc};
+    use entity::tenant::{conversation, message};
+    use rusqlite::types::Type;
+    use rusqlite::{Connection, OptionalExtension, Row, params};
+
+    use super::{NewMessage, WriteError, Written, refusal, same_sender};
+    use crate::conversations::Participant;
+
+    // Macros rather than consts so that every statement is one literal: no text is built
+    // per message, and the statement cache finds each by the same key.
+    macro_rules! message_columns {
+        () => {
+            "id, conversation_id, seq, client_msg_id, sender_kind, sender_id, content, created_at"
+        };
+    }
+    macro_rules! conversation_columns {
+        () => {
+            "id, visitor_id, team_id, status, agent_id, last_seq, queued_at, created_at, \
+             assigned_at, closed_at, closed_by, abandoned"
+        };
+    }
+    const FIND_RESENT: &str = concat!(
+        "SELECT ",
+        message_columns!(),
+        " FROM messages WHERE conversation_id = ?1 AND client_msg_id = ?2"
+    );
+    const BUMP_FOR_VISITOR: &str = concat!(
+        "UPDATE conversations SET last_seq = last_seq + 1 ",
+        "WHERE id = ?1 AND visitor_id = ?2 AND status <> 'closed' RETURNING ",
+        conversation_columns!()
+    );
+    const BUMP_FOR_AGENT: &str = concat!(
+        "UPDATE conversations SET last_seq = last_seq + 1 ",
+        "WHERE id = ?1 AND agent_id = ?2 AND status = 'active' RETURNING ",
+        conversation_columns!()
+    );
+    const FIND_CONVERSATION: &str = concat!(
+        "SELECT ",
+        conversation_columns!(),
+        " FROM conversations WHERE id = ?1"
+    );
+    const INSERT_MESSAGE: &str = "INSERT INTO messages \
+         (conversation_id, seq, client_msg_id, sender_kind, sender_id, content, created_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)";
+
+    /// Statements a writer connection keeps prepared: the five above, with room to spare.
+    pub const STATEMENT_CACHE: usize = 16;
+
+    /// Appends one message; `Err` is a storage failure (the transaction must roll back).
+    pub fn append(
+        db: &Connection,
+        m: &NewMessage,
+        now: DateTime<Utc>,
+    ) -> rusqlite::Result<Result<Written, WriteError>> {
+        // A re-send is answered with the first copy; nothing is stored.
+        let existing = db
+            .prepare_cached(FIND_RESENT)?
+            .query_row(params![m.conversation_id, m.client_msg_id], message_row)
+            .optional()?;
+        if let Some(e) = existing {
+            return Ok(same_sender(e, m.sender));
+        }
+        // Allocate the seq; only the visitor (until closed) or the agent (while active) may
+        // write, so a refused sender simply updates nothing.
+        let bump = match m.sender {
+            Participant::Visitor(_) => BUMP_FOR_VISITOR,
+            Participant::Agent(_) => BUMP_FOR_AGENT,
+        };
+        let conv = db
+            .prepare_cached(bump)?
+            .query_row(params![m.conversation_id, m.sender.id()], conversation_row)
+            .optional()?;
+        let Some(conv) = conv else {
+            // Say why (rare: read only then).
+            let found = db
+                .prepare_cached(FIND_CONVERSATION)?
+                .query_row(params![m.conversation_id], conversation_row)
+                .optional()?;
+            return Ok(Err(match found {
+                None => WriteError::NotFound,
+                Some(c) => refusal(&c, m.sender),
+            }));
+        };
+        db.prepare_cached(INSERT_MESSAGE)?.execute(params![
+            m.conversation_id,
+            conv.last_seq,
+            m.client_msg_id,
+            m.sender.kind(),
+            m.sender.id(),
+            m.content,
+            // The text sqlx writes for a `DateTime<Utc>`, so that SeaORM reads it back the
+            // same as the rows it wrote itself.
+            now.to_rfc3339_opts(SecondsFormat::AutoSi, false),
+        ])?;
+        let message = message::Model {
+            id: db.last_insert_rowid(),
+            conversation_id: m.conversation_id,
+            seq: conv.last_seq,
+            client_msg_id: m.client_msg_id.clone(),
+            sender_kind: m.sender.kind().to_owned(),
+            sender_id: Some(m.sender.id()),
+            content: m.content.clone(),
+            created_at: now,
+        };
+        // A message changes nothing but `last_seq`: "before" is the same conversation.
+        Ok(Ok(Written::Stored {
+            message,
+            before: conv.clone(),
+            conversation: conv,
+        }))
+    }
+
+    fn message_row(r: &Row<'_>) -> rusqlite::Result<message::Model> {
+        Ok(message::Model {
+            id: r.get(0)?,
+            conversation_id: r.get(1)?,
+            seq: r.get(2)?,
+            client_msg_id: r.get(3)?,
+            sender_kind: r.get(4)?,
+            sender_id: r.get(5)?,
+            content: r.get(6)?,
+            created_at: time(r, 7)?,
+        })
+    }
+
+    fn conversation_row(r: &Row<'_>) -> rusqlite::Result<conversation::Model> {
+        Ok(conversation::Model {
+            id: r.get(0)?,
+            visitor_id: r.get(1)?,
+            team_id: r.get(2)?,
+            status: r.get(3)?,
+            agent_id: r.get(4)?,
+            last_seq: r.get(5)?,
+            queued_at: time(r, 6)?,
+            created_at: time(r, 7)?,
+            assigned_at: opt_time(r, 8)?,
+            closed_at: opt_time(r, 9)?,
+            closed_by: r.get(10)?,
+            abandoned: r.get(11)?,
+        })
+    }
+
+    fn opt_time(r: &Row<'_>, i: usize) -> rusqlite::Result<Option<DateTime<Utc>>> {
+        match r.get_ref(i)?.as_str_or_null()? {
+            None => Ok(None),
+            Some(s) => parse_time(s).map(Some).ok_or_else(|| bad_time(i)),
+        }
+    }
+
+    fn time(r: &Row<'_>, i: usize) -> rusqlite::Result<DateTime<Utc>> {
+        parse_time(r.get_ref(i)?.as_str()?).ok_or_else(|| bad_time(i))
+    }
+
+    /// Timestamps as sqlx stores them (RFC 3339), or SQLite's own `YYYY-MM-DD HH:MM:SS[.f]`
+    /// in UTC, which sqlx also accepts.
+    fn parse_time(s: &str) -> Option<DateTime<Utc>> {
+        DateTime::parse_from_rfc3339(s)
+            .map(|t| t.with_timezone(&Utc))
+            .ok()
+            .or_else(|| {
+                NaiveDateTime::parse_from_str(s, "%F %T%.f")
+                    .ok()
+                    .map(|t| t.and_utc())
+            })
+    }
+
+    fn bad_time(i: usize) -> rusqlite::Error {
+        rusqlite::Error::FromSqlConversionFailure(i, Type::Text, "not a timestamp".into())
+    }
+}

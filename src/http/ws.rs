@@ -20,7 +20,7 @@ use super::ApiError;
 use super::auth::{AuthAgent, AuthVisitor, bearer};
 use crate::accounts::Role;
 use crate::actors::Realtime;
-use crate::actors::conn::{Attach, ConnHandle, Detach, Kill};
+use crate::actors::conn::{Attach, ConnHandle, Detach, TooSlow};
 use crate::actors::conversation::{Origin, Submit, Typing};
 use crate::actors::{agent, queue};
 use crate::conversations::log::{Closer, NewMessage};
@@ -142,9 +142,9 @@ fn upgrade(
         .unwrap_or_else(TraceContext::root);
     actix_web::rt::spawn(tracing::Instrument::instrument(
         async move {
-            let (mut conn, out, kill) = Connection::new(rt, limits, tenant, db, who);
+            let (mut conn, out, too_slow) = Connection::new(rt, limits, tenant, db, who);
             conn.trace = trace;
-            conn.run(session, stream, out, kill).await;
+            conn.run(session, stream, out, too_slow).await;
         },
         span,
     ));
@@ -152,7 +152,6 @@ fn upgrade(
 }
 
 type Outbound = tokio::sync::mpsc::Receiver<bytestring::ByteString>;
-type KillSwitch = tokio::sync::mpsc::Receiver<Kill>;
 
 struct Connection {
     rt: Realtime,
@@ -177,9 +176,9 @@ impl Connection {
         tenant: Arc<TenantRecord>,
         db: DatabaseConnection,
         who: Who,
-    ) -> (Self, Outbound, KillSwitch) {
+    ) -> (Self, Outbound, Arc<TooSlow>) {
         let s = rt.settings();
-        let (conn, out, kill) = ConnHandle::new(rt.next_conn_id(), s.outbound_buffer);
+        let (conn, out, too_slow) = ConnHandle::new(rt.next_conn_id(), s.outbound_buffer);
         // Settings are validated non-zero at start-up.
         let per_sec = NonZeroU32::new(s.frames_per_sec).unwrap_or(NonZeroU32::MIN);
         let burst = NonZeroU32::new(s.frame_burst).unwrap_or(NonZeroU32::MIN);
@@ -197,7 +196,7 @@ impl Connection {
                 trace: TraceContext::root(),
             },
             out,
-            kill,
+            too_slow,
         )
     }
 }
@@ -208,30 +207,40 @@ impl Connection {
         mut session: actix_ws::Session,
         stream: actix_ws::MessageStream,
         mut out: Outbound,
-        mut kill: KillSwitch,
+        too_slow: Arc<TooSlow>,
     ) {
-        let s = self.rt.settings().clone();
+        let s = self.rt.settings();
+        let (heartbeat, idle_timeout, flood_limit) = (
+            Duration::from_secs(s.heartbeat_secs),
+            Duration::from_secs(s.idle_timeout_secs),
+            s.flood_limit,
+        );
         let mut stream = stream
             .max_frame_size(s.max_frame_bytes)
             .aggregate_continuations()
             .max_continuation_size(s.max_frame_bytes);
-        if session.text(self.hello().await).await.is_err() {
+        // The opening steps (database queries, the hub's answer) run in futures of their own,
+        // freed once done: inline, their state would be part of this task's future and stay
+        // allocated, several kilobytes, for as long as the connection is open.
+        // Attached (and, in cluster mode, subscribed) before `hello` is read: whatever is
+        // stored after the snapshot `hello` gives is queued on this connection, behind it.
+        Box::pin(self.attach()).await;
+        let hello = Box::pin(self.hello()).await;
+        if session.text(hello).await.is_err() {
+            self.detach();
             return;
         }
-        self.attach().await;
         let _open = metrics::global().connection(self.who.conn_kind());
         tracing::debug!(conn = self.conn.id, who = ?self.who, "connection open");
 
         let shutdown = self.rt.shutdown_token();
-        let heartbeat = Duration::from_secs(s.heartbeat_secs);
-        let idle_timeout = Duration::from_secs(s.idle_timeout_secs);
         let mut ticker = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
         let mut last_heard = Instant::now();
         let reason: Option<CloseReason> = loop {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break Some(close(CloseCode::Away, "server shutting down")),
-                Some(Kill::TooSlow) = kill.recv() => {
+                () = too_slow.raised() => {
                     break Some(close(CloseCode::Other(CLOSE_TOO_SLOW), "too slow: reconnect and sync"));
                 }
                 frame = out.recv() => match frame {
@@ -246,7 +255,7 @@ impl Connection {
                             if self.limiter.check().is_err() {
                                 metrics::global().rate_limited(&self.tenant.slug, Limit::ConnectionFrames);
                                 self.refused += 1;
-                                if self.refused >= s.flood_limit {
+                                if self.refused >= flood_limit {
                                     break Some(close(CloseCode::Policy, "flooding"));
                                 }
                                 self.conn.push(error_frame(None, "rate_limited", "too many frames; slow down"));

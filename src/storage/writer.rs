@@ -4,14 +4,28 @@
 //! with load, while every reply still means "committed".
 //!
 //! One writer per tenant also means one writer per SQLite file, which is what SQLite wants.
+//!
+//! Two kinds of writer, by backend:
+//!
+//! - SQLite: an OS thread of its own with its own synchronous connection (rusqlite on the same
+//!   libsqlite3 as sqlx) that runs a whole batch — `BEGIN IMMEDIATE`, every append, `COMMIT` —
+//!   without leaving the thread. Through sqlx every statement was a hand-off to sqlx's worker
+//!   thread and back, and that chain of wake-ups, not SQLite, was what saturated a core.
+//!   Messages go through this thread; the rare state changes and read positions keep the async
+//!   path below on the tenant's pool (SQLite's write lock, with its busy timeout, orders the
+//!   two connections, and each conversation has one write in flight, so their order per
+//!   conversation holds).
+//! - PostgreSQL: a task on the async runtime; the hand-offs are network round trips there
+//!   anyway.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use dashmap::DashMap;
-use sea_orm::{DatabaseConnection, TransactionSession};
-use tokio::sync::{mpsc, oneshot, watch};
+use sea_orm::{DatabaseConnection, DbBackend, TransactionSession};
+use tokio::sync::{oneshot, watch};
 
 use crate::conversations::Participant;
 use crate::conversations::log::{self, Change, NewMessage, WriteError, Written};
@@ -23,8 +37,19 @@ const MAX_BATCH: usize = 256;
 /// Jobs waiting for a writer. A full queue makes callers wait (backpressure), not fail.
 const QUEUE_DEPTH: usize = 4096;
 
-/// A writer with nothing to do for this long ends, releasing its tenant's pool.
+/// A writer with nothing to do for this long ends, releasing its tenant's pool (or its thread
+/// and connection).
 const IDLE_EXIT: Duration = Duration::from_secs(120);
+
+/// An idle writer, once out of the map, still takes sends this long before it ends: a caller
+/// that looked it up just before holds it for the microseconds until its send. A send later
+/// still finds the queue gone (when it fails, the caller starts a new writer) or, in the
+/// instant of the drop, is answered `Unavailable`: nothing stored, the client sends again.
+const LATE_SEND_GRACE: Duration = Duration::from_secs(1);
+
+/// How long the SQLite writer waits for the write lock (another connection of the same file
+/// writing). As long as the pools wait: see `storage::SQLITE_BUSY_TIMEOUT`.
+const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One operation on a conversation log.
 #[derive(Clone, Debug)]
@@ -54,8 +79,10 @@ pub struct Writers {
 #[derive(Clone)]
 struct Writer {
     id: u64,
-    tx: mpsc::Sender<Job>,
-    /// Its sender lives in the writer task; `changed()` fails once the task has ended.
+    tx: flume::Sender<Job>,
+    /// SQLite writers take messages only (see the module documentation).
+    messages_only: bool,
+    /// Its sender lives in the writer; `changed()` fails once the writer has ended.
     done: watch::Receiver<()>,
 }
 
@@ -72,9 +99,12 @@ impl Writers {
         // Two tries: the writer we found may have just ended because it was idle.
         for _ in 0..2 {
             let writer = self.writer(tenant_id, db);
-            match writer.tx.send(job).await {
+            if writer.messages_only && !matches!(job.op, WriteOp::Message(_)) {
+                return write_alone(db, &job.op).await;
+            }
+            match writer.tx.send_async(job).await {
                 Ok(()) => return answer.await.map_err(|_| WriteError::Unavailable)?,
-                Err(mpsc::error::SendError(back)) => {
+                Err(flume::SendError(back)) => {
                     self.inner.remove_if(&tenant_id, |_, w| w.id == writer.id);
                     job = back;
                 }
@@ -96,21 +126,175 @@ impl Writers {
     }
 
     fn writer(&self, tenant_id: i64, db: &DatabaseConnection) -> Writer {
+        if let Some(w) = self.inner.get(&tenant_id) {
+            return w.clone();
+        }
         self.inner
             .entry(tenant_id)
             .or_insert_with(|| {
-                let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+                let (tx, rx) = flume::bounded(QUEUE_DEPTH);
                 let (done_tx, done) = watch::channel(());
                 let id = self.next_id.fetch_add(1, Ordering::Relaxed);
                 let map = self.inner.clone();
-                let db = db.clone();
-                tokio::spawn(async move {
-                    run(tenant_id, id, db, rx, map).await;
-                    drop(done_tx);
-                });
-                Writer { id, tx, done }
+                let file = sqlite_file(db);
+                let messages_only = file.is_some();
+                match file {
+                    Some(path) => {
+                        let spawned = std::thread::Builder::new()
+                            .name(format!("kefu-writer-{tenant_id}"))
+                            .spawn(move || {
+                                run_sqlite(tenant_id, id, &path, rx, map);
+                                drop(done_tx);
+                            });
+                        // Without a thread the queue's receiver is gone: the first send fails,
+                        // the caller drops this writer and tries once more, then reports the
+                        // storage as unavailable.
+                        if let Err(e) = spawned {
+                            tracing::error!(error = %e, tenant_id, "could not start a writer thread");
+                        }
+                    }
+                    None => {
+                        let db = db.clone();
+                        tokio::spawn(async move {
+                            run(tenant_id, id, db, rx, map).await;
+                            drop(done_tx);
+                        });
+                    }
+                }
+                Writer {
+                    id,
+                    tx,
+                    messages_only,
+                    done,
+                }
             })
             .clone()
+    }
+}
+
+/// The file behind a SQLite pool, or `None` for PostgreSQL (or an in-memory SQLite database,
+/// which a second connection would not see).
+fn sqlite_file(db: &DatabaseConnection) -> Option<PathBuf> {
+    // Writers only ever get the tenant pools that `Storage` opened, which are connected; a
+    // disconnected one would panic here as it would on its first query.
+    if db.get_database_backend() != DbBackend::Sqlite {
+        return None;
+    }
+    let opts = db.get_sqlite_connection_pool().connect_options();
+    let path = opts.get_filename();
+    let in_memory = path.as_os_str().is_empty() || path.to_string_lossy().contains(":memory:");
+    (!in_memory).then(|| path.to_owned())
+}
+
+/// A change or read position on its own transaction on the pool (SQLite: beside the writer
+/// thread, see the module documentation).
+async fn write_alone(db: &DatabaseConnection, op: &WriteOp) -> Result<Written, WriteError> {
+    let txn = crate::storage::begin_write(db).await?;
+    let result = match op {
+        WriteOp::Change(c) => log::apply(&txn, c).await,
+        WriteOp::Read {
+            conversation_id,
+            reader,
+            seq,
+        } => log::set_read(&txn, *conversation_id, *reader, *seq).await,
+        // `Writers::write` queues every message on the writer thread.
+        WriteOp::Message(_) => Err(WriteError::Unavailable),
+    };
+    // A refusal leaves nothing to keep; dropping the transaction rolls it back.
+    if result.is_ok() {
+        TransactionSession::commit(txn).await?;
+    }
+    result
+}
+
+/// The SQLite writer thread: batches of messages, each in one transaction on its own
+/// connection.
+fn run_sqlite(
+    tenant_id: i64,
+    id: u64,
+    path: &std::path::Path,
+    rx: flume::Receiver<Job>,
+    map: Arc<DashMap<i64, Writer>>,
+) {
+    let mut db = match open_sqlite(path) {
+        Ok(db) => db,
+        Err(e) => {
+            tracing::error!(error = %e, tenant_id, "could not open the writer's connection");
+            // Leave the map so that the next write starts afresh; fail whatever is queued.
+            map.remove_if(&tenant_id, |_, w| w.id == id);
+            drop(rx.drain().collect::<Vec<_>>());
+            return;
+        }
+    };
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    loop {
+        let first = match rx.recv_timeout(IDLE_EXIT) {
+            Ok(job) => job,
+            Err(flume::RecvTimeoutError::Disconnected) => break,
+            Err(flume::RecvTimeoutError::Timeout) => {
+                // Idle: leave the map, then write whatever raced in before leaving.
+                map.remove_if(&tenant_id, |_, w| w.id == id);
+                while let Ok(job) = rx.recv_timeout(LATE_SEND_GRACE) {
+                    batch.push(job);
+                    batch.extend(rx.try_iter().take(MAX_BATCH - 1));
+                    write_batch_sqlite(&mut db, &mut batch);
+                }
+                break;
+            }
+        };
+        batch.push(first);
+        batch.extend(rx.try_iter().take(MAX_BATCH - 1));
+        write_batch_sqlite(&mut db, &mut batch);
+    }
+    tracing::debug!(tenant_id, "conversation writer ended");
+}
+
+fn open_sqlite(path: &std::path::Path) -> rusqlite::Result<rusqlite::Connection> {
+    use rusqlite::OpenFlags;
+    // The file exists (the tenant was onboarded): never create one here.
+    let db = rusqlite::Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    db.busy_timeout(SQLITE_BUSY_TIMEOUT)?;
+    // The pools' settings (storage::connect): a commit is durable once answered.
+    db.pragma_update_and_check(None, "journal_mode", "WAL", |_| Ok(()))?;
+    db.pragma_update(None, "synchronous", "FULL")?;
+    db.pragma_update(None, "foreign_keys", true)?;
+    db.set_prepared_statement_cache_capacity(log::sync::STATEMENT_CACHE);
+    Ok(db)
+}
+
+/// One transaction for the whole batch, answered after the commit. Any storage error fails
+/// the batch and nothing of it is acknowledged: the transaction rolls back (dropped
+/// uncommitted), so no `seq` is left behind.
+fn write_batch_sqlite(db: &mut rusqlite::Connection, batch: &mut Vec<Job>) {
+    let results = (|| {
+        let txn = db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let now = chrono::Utc::now();
+        let mut results = Vec::with_capacity(batch.len());
+        for job in batch.iter() {
+            results.push(match &job.op {
+                WriteOp::Message(m) => log::sync::append(&txn, m, now)?,
+                // `Writers::write` never queues these here.
+                WriteOp::Change(_) | WriteOp::Read { .. } => Err(WriteError::Unavailable),
+            });
+        }
+        txn.commit()?;
+        Ok::<_, rusqlite::Error>(results)
+    })();
+    match results {
+        Ok(results) => {
+            for (job, result) in batch.drain(..).zip(results) {
+                let _ = job.reply.send(result);
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, jobs = batch.len(), "conversation write failed; nothing acknowledged");
+            for job in batch.drain(..) {
+                let _ = job.reply.send(Err(WriteError::Unavailable));
+            }
+        }
     }
 }
 
@@ -118,31 +302,28 @@ async fn run(
     tenant_id: i64,
     id: u64,
     db: DatabaseConnection,
-    mut rx: mpsc::Receiver<Job>,
+    rx: flume::Receiver<Job>,
     map: Arc<DashMap<i64, Writer>>,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     loop {
-        let first = match tokio::time::timeout(IDLE_EXIT, rx.recv()).await {
-            Ok(Some(job)) => job,
-            Ok(None) => break,
+        let first = match tokio::time::timeout(IDLE_EXIT, rx.recv_async()).await {
+            Ok(Ok(job)) => job,
+            Ok(Err(flume::RecvError::Disconnected)) => break,
             Err(_) => {
-                // Idle: leave the map, then finish whatever raced in before leaving.
+                // Idle: leave the map, then write whatever raced in before leaving.
                 map.remove_if(&tenant_id, |_, w| w.id == id);
-                rx.close();
-                match rx.recv().await {
-                    Some(job) => job,
-                    None => break,
+                while let Ok(Ok(job)) = tokio::time::timeout(LATE_SEND_GRACE, rx.recv_async()).await
+                {
+                    batch.push(job);
+                    batch.extend(rx.try_iter().take(MAX_BATCH - 1));
+                    write_batch(&db, &mut batch).await;
                 }
+                break;
             }
         };
         batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
+        batch.extend(rx.try_iter().take(MAX_BATCH - 1));
         write_batch(&db, &mut batch).await;
     }
     tracing::debug!(tenant_id, "conversation writer ended");

@@ -12,6 +12,10 @@ use crate::report::Report;
 pub struct ChatConfig {
     /// Base URL of the server, such as `http://127.0.0.1:8080`.
     pub url: String,
+    /// Base URL the agents connect to instead, such as the second node of a cluster pair
+    /// (`http://127.0.0.1:8081`); `None`: `url`. Provisioning, visitors and the stored check
+    /// use `url`.
+    pub agent_url: Option<String>,
     /// Bearer key of the operator API (the relay accepts any).
     pub platform_key: String,
     pub conversations: usize,
@@ -40,6 +44,7 @@ impl Default for ChatConfig {
     fn default() -> Self {
         Self {
             url: "http://127.0.0.1:8080".into(),
+            agent_url: None,
             platform_key: super::platform_key_from_env(),
             conversations: 4,
             agents: 0,
@@ -57,6 +62,7 @@ impl Default for ChatConfig {
 pub async fn run(config: ChatConfig) -> Result<Report> {
     let engine = EngineConfig {
         url: config.url,
+        agent_url: config.agent_url,
         platform_key: config.platform_key,
         conversations: config.conversations,
         agents: config.agents,

@@ -64,6 +64,9 @@ const MAX_CONCURRENT_LIMIT: usize = 1000;
 #[derive(Clone)]
 pub(crate) struct EngineConfig {
     pub url: String,
+    /// Where the agents connect their WebSockets, when not `url` (the other node of a
+    /// cluster pair). Provisioning, visitors and the stored check use `url`.
+    pub agent_url: Option<String>,
     pub platform_key: String,
     pub conversations: usize,
     /// 0: one agent per conversation.
@@ -211,6 +214,10 @@ impl Engine {
         let progress = cfg.progress.clone();
         progress.stage("creating the tenant");
         let target = Target::new(&cfg.url).await?;
+        let agent_target = match &cfg.agent_url {
+            Some(url) => Target::new(url).await.context("--agent-url")?,
+            None => target.clone(),
+        };
         let tenant = target.create_tenant(&cfg.platform_key).await?;
         let shared = Arc::new(Shared::new());
         let (control, _) = watch::channel(Control::Idle);
@@ -221,14 +228,21 @@ impl Engine {
         let mut peers = Vec::with_capacity(agents + n);
         let mut made = stream::iter(0..agents)
             .map(|i| {
-                let (target, tenant, shared) = (&target, &tenant, &shared);
+                let (target, agent_target, tenant, shared) =
+                    (&target, &agent_target, &tenant, &shared);
                 let rx = control.subscribe();
                 async move {
                     let login = target.create_agent(tenant, i, max_concurrent).await?;
                     let mut st = PeerState::new(Side::Agent, login.id, shared.clone());
-                    let ws = open_ws(target, &tenant.domain, "/ws/agent", &login.token, &mut st)
-                        .await
-                        .with_context(|| format!("agent {i}'s WebSocket"))?;
+                    let ws = open_ws(
+                        agent_target,
+                        &tenant.domain,
+                        "/ws/agent",
+                        &login.token,
+                        &mut st,
+                    )
+                    .await
+                    .with_context(|| format!("agent {i}'s WebSocket"))?;
                     anyhow::Ok(tokio::spawn(ws_peer(ws, st, rx)))
                 }
             })

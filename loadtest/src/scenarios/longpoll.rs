@@ -52,6 +52,7 @@ impl Default for LongpollConfig {
 pub async fn run(config: LongpollConfig) -> Result<Report> {
     let engine = EngineConfig {
         url: config.url,
+        agent_url: None,
         platform_key: config.platform_key,
         conversations: config.conversations,
         agents: config.agents,

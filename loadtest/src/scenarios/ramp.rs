@@ -67,6 +67,7 @@ pub async fn run(config: RampConfig) -> Result<Report> {
     let progress = super::progress(config.progress);
     let engine = EngineConfig {
         url: config.url.clone(),
+        agent_url: None,
         platform_key: config.platform_key.clone(),
         conversations: config.conversations,
         agents: config.agents,
