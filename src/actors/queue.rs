@@ -51,6 +51,8 @@ pub struct QueueActor {
     holding: HashMap<i64, HashSet<i64>>,
     /// Grace timers of agents who lost every connection.
     graces: HashMap<i64, SpawnHandle>,
+    /// team id → slug, for the metrics' `team` label (loaded at start, reloaded on a miss).
+    team_slugs: HashMap<i64, String>,
     /// Conversations closed while queued since this actor started (for the numbers).
     pub abandoned: u64,
 }
@@ -132,6 +134,7 @@ impl QueueActor {
             queues: HashMap::new(),
             agents: HashMap::new(),
             nodes: HashMap::new(),
+            team_slugs: HashMap::new(),
             holding: HashMap::new(),
             graces: HashMap::new(),
             abandoned: 0,
@@ -209,6 +212,26 @@ impl QueueActor {
                 .min_by_key(|(id, p)| (self.load(**id), p.last_assigned, **id))
                 .map(|(id, _)| (head.team_id, *id))
         })
+    }
+
+    /// The slug of a team, for metrics. A team made since the last load is looked up in the
+    /// background; meanwhile its id stands in.
+    fn team_slug(&mut self, team_id: i64, ctx: &mut Context<Self>) -> String {
+        if let Some(slug) = self.team_slugs.get(&team_id) {
+            return slug.clone();
+        }
+        let rt = self.rt.clone();
+        let tenant = self.tenant.clone();
+        let load = async move {
+            let db = rt.db(&tenant).await.ok()?;
+            teams::list(&db).await.ok()
+        };
+        ctx.spawn(load.into_actor(self).map(|teams, act, _| {
+            if let Some(teams) = teams {
+                act.team_slugs = teams.into_iter().map(|t| (t.id, t.slug)).collect();
+            }
+        }));
+        team_id.to_string()
     }
 
     /// Cluster mode: decisions are made only while this node holds the tenant's lease. An
@@ -377,8 +400,12 @@ impl QueueActor {
             match res {
                 Ok(Ok(_)) => {
                     tracing::debug!(conversation_id = q.conversation_id, agent_id, "assigned");
-                    crate::metrics::global()
-                        .queue_waited(&act.tenant.slug, Utc::now() - q.queued_at);
+                    let team = act.team_slug(q.team_id, ctx);
+                    crate::metrics::global().queue_waited(
+                        &act.tenant.slug,
+                        &team,
+                        Utc::now() - q.queued_at,
+                    );
                 }
                 // Closed or gone meanwhile: it simply leaves the queue.
                 Ok(Err(WriteError::Stale | WriteError::Closed | WriteError::NotFound)) => {
@@ -587,13 +614,15 @@ impl Actor for QueueActor {
             let db = rt.db(&tenant).await.ok()?;
             let queued = store::queued(&db).await.ok()?;
             let active = store::active(&db).await.ok()?;
-            Some((queued, active))
+            let teams = teams::list(&db).await.ok()?;
+            Some((queued, active, teams))
         };
         ctx.wait(rebuild.into_actor(self).map(|loaded, act, ctx| {
-            let Some((queued, active)) = loaded else {
+            let Some((queued, active, teams)) = loaded else {
                 tracing::error!(tenant = %act.tenant.slug, "could not rebuild the queue from storage");
                 return;
             };
+            act.team_slugs = teams.into_iter().map(|t| (t.id, t.slug)).collect();
             for c in &queued {
                 act.push_back(&Waiting::from(c));
             }

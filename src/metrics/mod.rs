@@ -143,7 +143,7 @@ pub struct Metrics {
     rate_limited: Family<LimitLabels, Counter>,
     connections: Family<KindLabel, Gauge>,
     delivery: HistogramFamily<TenantLabel>,
-    queue_wait: HistogramFamily<TenantLabel>,
+    queue_wait: HistogramFamily<TeamLabels>,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
@@ -210,10 +210,11 @@ impl Metrics {
     }
 
     /// A conversation was assigned after waiting `waited` in its queue.
-    pub fn queue_waited(&self, tenant: &str, waited: chrono::TimeDelta) {
+    pub fn queue_waited(&self, tenant: &str, team: &str, waited: chrono::TimeDelta) {
         self.queue_wait
-            .get_or_create(&TenantLabel {
+            .get_or_create(&TeamLabels {
                 tenant: tenant.to_owned(),
+                team: team.to_owned(),
             })
             .observe(waited.as_seconds_f64().max(0.0));
     }

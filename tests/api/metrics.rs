@@ -143,7 +143,10 @@ async fn metrics_follow_activity(backend: crate::helpers::Backend) {
     assert_eq!(msgs("websocket", "inbound"), 2.0);
     assert_eq!(msgs("websocket", "outbound"), 1.0);
     assert_eq!(msgs("longpoll", "inbound"), 1.0);
-    assert_eq!(get("kefu_queue_wait_seconds_count", &[tenant]), 1.0);
+    assert_eq!(
+        get("kefu_queue_wait_seconds_count", &[tenant, general]),
+        1.0
+    );
     // Four messages plus the assignment went through the conversation actors.
     assert!(get("kefu_message_delivery_seconds_count", &[tenant]) >= 5.0);
     assert_eq!(
