@@ -8,7 +8,7 @@ use std::time::Duration;
 use actix::prelude::*;
 
 use super::Realtime;
-use super::conn::{Attach, ConnHandle, Deliver, Detach, fan_out};
+use super::conn::{Attach, ConnHandle, Deliver, Detach, KillAll, fan_out};
 use crate::protocol::{AgentStatus, ServerFrame};
 use crate::tenancy::TenantRecord;
 
@@ -90,6 +90,16 @@ impl Handler<Deliver> for AgentActor {
 
     fn handle(&mut self, msg: Deliver, _: &mut Context<Self>) {
         fan_out(&self.conns, &msg.frame, msg.except);
+    }
+}
+
+impl Handler<KillAll> for AgentActor {
+    type Result = ();
+
+    fn handle(&mut self, KillAll(why): KillAll, _: &mut Context<Self>) {
+        for c in &self.conns {
+            c.kill(why);
+        }
     }
 }
 

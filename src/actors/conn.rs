@@ -1,25 +1,43 @@
 //! What actors hold of a client connection: a bounded outbound queue and a way to close it.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use actix::Message;
 use bytestring::ByteString;
 use tokio::sync::{Notify, mpsc};
 
-/// Raised when a connection's outbound queue fills up: the client does not read fast enough,
-/// and the connection loop closes it (4001). A `Notify` rather than a channel: it is one of
-/// the few things every idle connection holds, and a channel costs some hundreds of bytes.
-#[derive(Debug, Default)]
-pub struct TooSlow(Notify);
+/// Why the server closes a connection on its own initiative.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kill {
+    /// The outbound queue filled up: the client does not read fast enough (close 4001).
+    TooSlow = 1,
+    /// The tenant was suspended (close 4003).
+    Suspended = 2,
+}
 
-impl TooSlow {
-    /// Resolves once raised (also when raised before the wait began).
-    pub async fn raised(&self) {
-        self.0.notified().await
+/// Raised when the server closes a connection on its own initiative, with the reason; the
+/// connection loop waits on it. A `Notify` and a byte rather than a channel: it is one of the
+/// few things every idle connection holds, and a channel costs some hundreds of bytes.
+#[derive(Debug, Default)]
+pub struct Alarm {
+    notify: Notify,
+    reason: AtomicU8,
+}
+
+impl Alarm {
+    /// Resolves once raised (also when raised before the wait began), with the reason.
+    pub async fn raised(&self) -> Kill {
+        self.notify.notified().await;
+        match self.reason.load(Ordering::Acquire) {
+            2 => Kill::Suspended,
+            _ => Kill::TooSlow,
+        }
     }
 
-    fn raise(&self) {
-        self.0.notify_one();
+    fn raise(&self, why: Kill) {
+        self.reason.store(why as u8, Ordering::Release);
+        self.notify.notify_one();
     }
 }
 
@@ -28,23 +46,28 @@ impl TooSlow {
 pub struct ConnHandle {
     pub id: u64,
     tx: mpsc::Sender<ByteString>,
-    too_slow: Arc<TooSlow>,
+    alarm: Arc<Alarm>,
 }
 
 impl ConnHandle {
     /// A handle and what the connection loop watches: its outbound queue and the alarm.
-    pub fn new(id: u64, buffer: usize) -> (Self, mpsc::Receiver<ByteString>, Arc<TooSlow>) {
+    pub fn new(id: u64, buffer: usize) -> (Self, mpsc::Receiver<ByteString>, Arc<Alarm>) {
         let (tx, rx) = mpsc::channel(buffer);
-        let too_slow = Arc::new(TooSlow::default());
+        let alarm = Arc::new(Alarm::default());
         (
             Self {
                 id,
                 tx,
-                too_slow: too_slow.clone(),
+                alarm: alarm.clone(),
             },
             rx,
-            too_slow,
+            alarm,
         )
+    }
+
+    /// Closes the connection (its loop sends the close frame for `why`).
+    pub fn kill(&self, why: Kill) {
+        self.alarm.raise(why);
     }
 
     /// Queues a frame without waiting. A full queue means the client is not keeping up: rather
@@ -52,7 +75,7 @@ impl ConnHandle {
     /// comes back.
     pub fn push(&self, frame: ByteString) {
         if let Err(mpsc::error::TrySendError::Full(_)) = self.tx.try_send(frame) {
-            self.too_slow.raise();
+            self.alarm.raise(Kill::TooSlow);
         }
     }
 
@@ -71,6 +94,11 @@ pub fn fan_out(conns: &[ConnHandle], frame: &ByteString, except: Option<u64>) {
         }
     }
 }
+
+/// Close every connection of an agent or visitor on this node.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct KillAll(pub Kill);
 
 /// A frame for every connection of an agent or visitor, except the one it came from.
 #[derive(Message)]
@@ -96,13 +124,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_queue_closes_the_connection_instead_of_growing() {
-        let (conn, mut out, too_slow) = ConnHandle::new(1, 2);
-        let raised = |t: &TooSlow| futures_util::FutureExt::now_or_never(t.raised()).is_some();
+        let (conn, mut out, alarm) = ConnHandle::new(1, 2);
+        let raised = |a: &Alarm| futures_util::FutureExt::now_or_never(a.raised());
         conn.push("a".into());
         conn.push("b".into());
-        assert!(!raised(&too_slow), "room left: nothing to say");
+        assert_eq!(raised(&alarm), None, "room left: nothing to say");
         conn.push("c".into());
-        assert!(raised(&too_slow));
+        assert_eq!(raised(&alarm), Some(Kill::TooSlow));
         // What was queued is still delivered in order; the frame that did not fit is dropped
         // (the client resyncs by seq when it reconnects).
         assert_eq!(out.recv().await.as_deref(), Some("a"));

@@ -90,6 +90,10 @@ const CLUSTER_TICK: Duration = Duration::from_secs(1);
 /// node before the caller is told the queue is unavailable.
 const QUEUE_CALL_DEADLINE: Duration = Duration::from_secs(6);
 
+/// How often a node checks whether the tenants it hosts connections of are still active: a
+/// tenant suspended elsewhere (another node, the command line) loses its sockets within this.
+const TENANT_CHECK: Duration = Duration::from_secs(5);
+
 /// Pause between two tries of a queue operation whose node did not answer.
 const QUEUE_CALL_RETRY: Duration = Duration::from_millis(200);
 
@@ -179,7 +183,23 @@ impl Realtime {
         if let Some(c) = &rt.inner.cluster {
             c.runtime().spawn(cluster_loop(Arc::downgrade(&rt.inner)));
         }
+        tokio::spawn(watch_tenants(Arc::downgrade(&rt.inner)));
         rt
+    }
+
+    /// Closes every connection of a tenant on this node (it was suspended).
+    pub fn kill_tenant(&self, tenant_id: i64, why: conn::Kill) {
+        for hub in self.inner.agents.iter().filter(|e| e.key().0 == tenant_id) {
+            hub.value().do_send(conn::KillAll(why));
+        }
+        for hub in self
+            .inner
+            .visitors
+            .iter()
+            .filter(|e| e.key().0 == tenant_id)
+        {
+            hub.value().do_send(conn::KillAll(why));
+        }
     }
 
     pub fn governance(&self) -> &Governance {
@@ -776,6 +796,43 @@ impl Realtime {
     fn unlisten(&self, subject: String) {
         if let Some(c) = &self.inner.cluster {
             c.unlisten(&subject);
+        }
+    }
+}
+
+/// Every [`TENANT_CHECK`]: closes the connections of tenants that are no longer active
+/// (suspended through another node or the command line; the node that suspends closes its
+/// own at once).
+async fn watch_tenants(inner: Weak<Inner>) {
+    let mut tick = tokio::time::interval(TENANT_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let rt = Realtime { inner };
+        if rt.inner.shutdown.is_cancelled() {
+            return;
+        }
+        let hosted: std::collections::HashSet<i64> = rt
+            .inner
+            .agents
+            .iter()
+            .map(|e| e.key().0)
+            .chain(rt.inner.visitors.iter().map(|e| e.key().0))
+            .collect();
+        if hosted.is_empty() {
+            continue;
+        }
+        let Ok(records) = rt.inner.tenants.all_records().await else {
+            continue;
+        };
+        for t in records {
+            if hosted.contains(&t.id) && t.status != crate::tenancy::TenantStatus::Active {
+                tracing::info!(tenant = %t.slug, "tenant not active; closing its connections");
+                rt.kill_tenant(t.id, conn::Kill::Suspended);
+            }
         }
     }
 }

@@ -8,7 +8,7 @@ use actix::prelude::*;
 use tokio::sync::oneshot;
 
 use super::Realtime;
-use super::conn::{Attach, ConnHandle, Deliver, Detach, fan_out};
+use super::conn::{Attach, ConnHandle, Deliver, Detach, KillAll, fan_out};
 use super::queue;
 use crate::tenancy::TenantRecord;
 
@@ -107,6 +107,20 @@ impl Handler<Deliver> for VisitorActor {
 
     fn handle(&mut self, msg: Deliver, _: &mut Context<Self>) {
         fan_out(&self.conns, &msg.frame, msg.except);
+        for w in self.waiters.drain(..) {
+            let _ = w.send(());
+        }
+    }
+}
+
+impl Handler<KillAll> for VisitorActor {
+    type Result = ();
+
+    fn handle(&mut self, KillAll(why): KillAll, _: &mut Context<Self>) {
+        for c in &self.conns {
+            c.kill(why);
+        }
+        // Long-polls answer now; their next request is refused.
         for w in self.waiters.drain(..) {
             let _ = w.send(());
         }

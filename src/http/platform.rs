@@ -92,12 +92,15 @@ pub async fn suspend_tenant(
     state: web::Data<AppState>,
     slug: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    Ok(HttpResponse::Ok().json(
-        state
-            .tenants
-            .set_status(&slug, TenantStatus::Suspended)
-            .await?,
-    ))
+    let view = state
+        .tenants
+        .set_status(&slug, TenantStatus::Suspended)
+        .await?;
+    // This node's sockets close now; other nodes' within their next tenant check.
+    state
+        .realtime
+        .kill_tenant(view.id, crate::actors::conn::Kill::Suspended);
+    Ok(HttpResponse::Ok().json(view))
 }
 
 /// `POST /platform/v1/tenants/{slug}/resume`

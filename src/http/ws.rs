@@ -20,7 +20,7 @@ use super::ApiError;
 use super::auth::{AuthAgent, AuthVisitor, bearer};
 use crate::accounts::Role;
 use crate::actors::Realtime;
-use crate::actors::conn::{Attach, ConnHandle, Detach, TooSlow};
+use crate::actors::conn::{Alarm, Attach, ConnHandle, Detach, Kill};
 use crate::actors::conversation::{Origin, Submit, Typing};
 use crate::actors::{agent, queue};
 use crate::conversations::log::{Closer, NewMessage};
@@ -43,6 +43,7 @@ pub const MAX_CLIENT_MSG_ID: usize = 64;
 /// Close codes of our own (4000-4999 is the application range).
 const CLOSE_IDLE: u16 = 4000;
 const CLOSE_TOO_SLOW: u16 = 4001;
+const CLOSE_SUSPENDED: u16 = 4003;
 
 #[derive(Deserialize)]
 pub struct TokenQuery {
@@ -142,9 +143,9 @@ fn upgrade(
         .unwrap_or_else(TraceContext::root);
     actix_web::rt::spawn(tracing::Instrument::instrument(
         async move {
-            let (mut conn, out, too_slow) = Connection::new(rt, limits, tenant, db, who);
+            let (mut conn, out, alarm) = Connection::new(rt, limits, tenant, db, who);
             conn.trace = trace;
-            conn.run(session, stream, out, too_slow).await;
+            conn.run(session, stream, out, alarm).await;
         },
         span,
     ));
@@ -176,9 +177,9 @@ impl Connection {
         tenant: Arc<TenantRecord>,
         db: DatabaseConnection,
         who: Who,
-    ) -> (Self, Outbound, Arc<TooSlow>) {
+    ) -> (Self, Outbound, Arc<Alarm>) {
         let s = rt.settings();
-        let (conn, out, too_slow) = ConnHandle::new(rt.next_conn_id(), s.outbound_buffer);
+        let (conn, out, alarm) = ConnHandle::new(rt.next_conn_id(), s.outbound_buffer);
         // Settings are validated non-zero at start-up.
         let per_sec = NonZeroU32::new(s.frames_per_sec).unwrap_or(NonZeroU32::MIN);
         let burst = NonZeroU32::new(s.frame_burst).unwrap_or(NonZeroU32::MIN);
@@ -196,7 +197,7 @@ impl Connection {
                 trace: TraceContext::root(),
             },
             out,
-            too_slow,
+            alarm,
         )
     }
 }
@@ -207,7 +208,7 @@ impl Connection {
         mut session: actix_ws::Session,
         stream: actix_ws::MessageStream,
         mut out: Outbound,
-        too_slow: Arc<TooSlow>,
+        alarm: Arc<Alarm>,
     ) {
         let s = self.rt.settings();
         let (heartbeat, idle_timeout, flood_limit) = (
@@ -240,9 +241,10 @@ impl Connection {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break Some(close(CloseCode::Away, "server shutting down")),
-                () = too_slow.raised() => {
-                    break Some(close(CloseCode::Other(CLOSE_TOO_SLOW), "too slow: reconnect and sync"));
-                }
+                why = alarm.raised() => break Some(match why {
+                    Kill::TooSlow => close(CloseCode::Other(CLOSE_TOO_SLOW), "too slow: reconnect and sync"),
+                    Kill::Suspended => close(CloseCode::Other(CLOSE_SUSPENDED), "the tenant is suspended"),
+                }),
                 frame = out.recv() => match frame {
                     Some(f) => if session.text(f).await.is_err() { break None },
                     None => break None,

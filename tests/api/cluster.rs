@@ -880,3 +880,25 @@ async fn a_trace_id_follows_a_message_from_an_http_request_to_another_nodes_deli
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[actix_web::test]
+async fn suspending_a_tenant_on_one_node_closes_its_sockets_on_the_others() {
+    let c = TestCluster::start(2).await;
+    let Split {
+        t,
+        mut agent,
+        mut visitor,
+        ..
+    } = split_conversation(&c, "sus").await;
+    let res = c.nodes[0]
+        .platform(
+            reqwest::Method::POST,
+            &format!("/platform/v1/tenants/{}/suspend", t.slug),
+            None,
+        )
+        .await;
+    assert_eq!(res.status(), StatusCode::OK);
+    // The visitor is on the node that suspended, the agent on the other one.
+    assert_eq!(visitor.closed_with().await, 4003);
+    assert_eq!(agent.closed_with().await, 4003);
+}

@@ -3,6 +3,7 @@ use serde_json::{Value, json};
 
 use crate::helpers::{Api, Backend, assert_error, random_suffix, spawn_app};
 use crate::on_both;
+use crate::ws::{Ws, agent_online, new_visitor};
 
 fn tenant_body(slug: &str, domains: &[&str]) -> Value {
     json!({
@@ -402,7 +403,31 @@ async fn generated_platform_key_is_kept(backend: Backend) {
     assert_eq!(res.status(), StatusCode::OK);
 }
 
+async fn suspension_closes_open_sockets(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let t = app.create_tenant("sus").await;
+    let (_, _, mut agent) = agent_online(&app, &t, "a@sus.test", 1).await;
+    let v = new_visitor(&app, &t).await;
+    let mut visitor = Ws::connect(&app, &t.domain, "/ws/visitor", &v.token)
+        .await
+        .unwrap();
+    let res = app
+        .platform(
+            Method::POST,
+            &format!("/platform/v1/tenants/{}/suspend", t.slug),
+            None,
+        )
+        .await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(agent.closed_with().await, 4003);
+    assert_eq!(visitor.closed_with().await, 4003);
+    // And they cannot come back while it is suspended.
+    let again = Ws::connect(&app, &t.domain, "/ws/visitor", &v.token).await;
+    assert_eq!(again.err(), Some(StatusCode::FORBIDDEN));
+}
+
 on_both!(
+    suspension_closes_open_sockets,
     onboarding_creates_everything_in_one_call,
     duplicate_slug_and_domain_are_refused,
     onboarding_failure_midway_leaves_nothing,
