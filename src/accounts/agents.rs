@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use entity::tenant::{agent, agent_team, team};
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter,
-    QueryOrder, Set, SqlErr, TransactionSession, TransactionTrait,
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect, Set, SqlErr, TransactionSession, TransactionTrait,
 };
 use serde::Serialize;
 
@@ -253,11 +253,20 @@ pub fn stored_role(model: &agent::Model) -> Role {
     Role::parse(&model.role).unwrap_or(Role::Agent)
 }
 
+/// How many admins there are, inside a write transaction that then changes one of them. The
+/// admin rows are locked (`FOR UPDATE`) so that two transactions demoting or deleting two
+/// different admins at once cannot both see "two admins left": on PostgreSQL the second waits
+/// and then counts again; SQLite's write lock, taken at `BEGIN`, already serialises them.
 async fn count_admins(db: &impl ConnectionTrait) -> Result<u64, AccountsError> {
-    Ok(agent::Entity::find()
+    let admins = agent::Entity::find()
+        .select_only()
+        .column(agent::Column::Id)
         .filter(agent::Column::Role.eq(Role::Admin.as_str()))
-        .count(db)
-        .await?)
+        .lock_exclusive()
+        .into_tuple::<i64>()
+        .all(db)
+        .await?;
+    Ok(admins.len() as u64)
 }
 
 async fn resolve_teams(

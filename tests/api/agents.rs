@@ -1,7 +1,7 @@
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::helpers::{Api, Backend, assert_error, spawn_app};
+use crate::helpers::{Api, Backend, TestApp, assert_error, spawn_app};
 use crate::on_both;
 
 async fn admin_manages_agents_and_teams(backend: Backend) {
@@ -277,6 +277,77 @@ async fn the_last_admin_stays(backend: Backend) {
         "last_admin",
     )
     .await;
+
+    // Two admins demoting each other at the same moment: one of them stays admin.
+    let (second, second_token) = app.create_agent(&t, "second@last.test", "admin").await;
+    for _ in 0..5 {
+        let (a, b) = tokio::join!(
+            set_role(&app, host, second, &t.admin_token, "agent"),
+            set_role(&app, host, t.admin_id, &second_token, "agent")
+        );
+        let ok = [a.status(), b.status()]
+            .iter()
+            .filter(|s| s.is_success())
+            .count();
+        // Either one demotion went through and the other was refused (last admin, or no
+        // longer an admin), or both were refused; never both.
+        assert!(
+            ok <= 1,
+            "both admins demoted: {} and {}",
+            a.status(),
+            b.status()
+        );
+        let admins = app
+            .call(
+                Method::GET,
+                host,
+                "/api/v1/agents",
+                Some(&t.admin_token),
+                None,
+            )
+            .await;
+        let body: serde_json::Value = if admins.status().is_success() {
+            admins.json().await.unwrap()
+        } else {
+            app.call(
+                Method::GET,
+                host,
+                "/api/v1/agents",
+                Some(&second_token),
+                None,
+            )
+            .await
+            .json()
+            .await
+            .unwrap()
+        };
+        let list = body["agents"].as_array().cloned().unwrap_or_default();
+        assert!(
+            list.iter().any(|a| a["role"] == "admin"),
+            "no admin left: {body}"
+        );
+        // Make both admins again for the next round.
+        for (who, token) in [(second, &t.admin_token), (t.admin_id, &second_token)] {
+            set_role(&app, host, who, token, "admin").await;
+        }
+    }
+}
+
+async fn set_role(
+    app: &TestApp,
+    host: Option<&str>,
+    who: i64,
+    token: &str,
+    role: &str,
+) -> reqwest::Response {
+    app.call(
+        Method::PATCH,
+        host,
+        &format!("/api/v1/agents/{who}"),
+        Some(token),
+        Some(json!({"role": role})),
+    )
+    .await
 }
 
 async fn login_refuses_wrong_credentials(backend: Backend) {
