@@ -238,7 +238,7 @@ pub struct BulkheadSettings {
 impl Default for BulkheadSettings {
     fn default() -> Self {
         Self {
-            tenant_db_requests: 64,
+            tenant_db_requests: 256,
             tenant_db_writes: 4096,
         }
     }

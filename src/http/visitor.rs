@@ -195,6 +195,7 @@ pub struct EventsQuery {
 
 /// `GET /api/v1/visitor/conversations/{id}/events?after_seq=N&wait=25`
 pub async fn events(
+    req: actix_web::HttpRequest,
     state: web::Data<AppState>,
     visitor: AuthVisitor,
     id: web::Path<i64>,
@@ -227,6 +228,9 @@ pub async fn events(
         && !wait.is_zero()
         && let Some(wake) = wake
     {
+        // Waiting is not using the database: the poll leaves the tenant's bulkhead while it
+        // sleeps, or a tenant could hold only as many long-polls as the compartment's size.
+        leave_bulkhead(&req);
         let _ = tokio::time::timeout(wait, wake).await;
         page = store::messages_after(db, conv.id, after, EVENTS_PER_POLL)
             .await
@@ -287,6 +291,18 @@ pub async fn close(
         return Err(write_err(refusal.as_write_error()));
     }
     Ok(HttpResponse::NoContent().finish())
+}
+
+/// Gives the request's place in its tenant's bulkhead back early; what it did so far with the
+/// database went well.
+fn leave_bulkhead(req: &actix_web::HttpRequest) {
+    use actix_web::HttpMessage;
+    let call = req
+        .extensions_mut()
+        .remove::<crate::tenancy::extract::TenantCall>();
+    if let Some(call) = call {
+        call.breaker.record(true);
+    }
 }
 
 /// Storage errors of these handlers.

@@ -244,3 +244,38 @@ async fn a_locked_tenant_fills_its_own_compartment_and_not_anothers() {
         "{metrics}"
     );
 }
+
+#[actix_web::test]
+async fn waiting_long_polls_do_not_hold_the_compartment() {
+    let app = spawn_app_with(Backend::Sqlite, |s| {
+        s.bulkheads.tenant_db_requests = 2;
+    })
+    .await;
+    let t = app.create_tenant("lpb").await;
+    // Four visitors long-poll at once (twice the compartment), each waiting for news.
+    let mut polls = Vec::new();
+    for _ in 0..4 {
+        let v = new_visitor(&app, &t).await;
+        let conv = open_conversation(&app, &t, &v, None).await["conversation_id"]
+            .as_i64()
+            .unwrap();
+        let last = 0;
+        let req = app
+            .client
+            .get(app.url(&format!(
+                "/api/v1/visitor/conversations/{conv}/events?after_seq={last}&wait=3"
+            )))
+            .header("Host", &t.domain)
+            .bearer_auth(&v.token);
+        polls.push(actix_web::rt::spawn(async move {
+            req.send().await.unwrap().status()
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // While they wait, the tenant is still served.
+    let v = new_visitor(&app, &t).await;
+    assert!(!v.token.is_empty());
+    for p in polls {
+        assert_eq!(p.await.unwrap(), StatusCode::OK);
+    }
+}
