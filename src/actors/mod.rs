@@ -655,14 +655,15 @@ impl Realtime {
         except: Option<u64>,
         trace: Option<&TraceContext>,
     ) -> Option<actix::dev::Request<AgentActor, conn::Deliver>> {
-        self.publish(
-            tenant_id,
-            subject::agent(tenant_id, agent_id),
+        let subject = || subject::agent(tenant_id, agent_id);
+        self.hub_for(
+            &self.inner.agents,
+            (tenant_id, agent_id),
+            subject,
             &frame,
             trace,
-        );
-        let hub = self.inner.agents.get(&(tenant_id, agent_id))?;
-        Some(hub.send(conn::Deliver { frame, except }))
+        )
+        .map(|hub| hub.send(conn::Deliver { frame, except }))
     }
 
     /// [`Self::to_agent_ordered`] for a visitor.
@@ -674,27 +675,15 @@ impl Realtime {
         except: Option<u64>,
         trace: Option<&TraceContext>,
     ) -> Option<actix::dev::Request<VisitorActor, conn::Deliver>> {
-        self.publish(
-            tenant_id,
-            subject::visitor(tenant_id, visitor_id),
+        let subject = || subject::visitor(tenant_id, visitor_id);
+        self.hub_for(
+            &self.inner.visitors,
+            (tenant_id, visitor_id),
+            subject,
             &frame,
             trace,
-        );
-        let hub = self.inner.visitors.get(&(tenant_id, visitor_id))?;
-        Some(hub.send(conn::Deliver { frame, except }))
-    }
-
-    /// Cluster mode: a frame for the nodes hosting its recipient.
-    fn publish(
-        &self,
-        tenant_id: i64,
-        subject: String,
-        frame: &ByteString,
-        trace: Option<&TraceContext>,
-    ) {
-        if let Some(c) = &self.inner.cluster {
-            c.publish(tenant_id, subject, frame.as_bytes().clone(), trace);
-        }
+        )
+        .map(|hub| hub.send(conn::Deliver { frame, except }))
     }
 
     /// Delivers a frame to every connection of an agent: on this node directly, and in
@@ -707,14 +696,15 @@ impl Realtime {
         except: Option<u64>,
         trace: Option<&TraceContext>,
     ) {
-        self.publish(
-            tenant_id,
-            subject::agent(tenant_id, agent_id),
+        let subject = || subject::agent(tenant_id, agent_id);
+        if let Some(hub) = self.hub_for(
+            &self.inner.agents,
+            (tenant_id, agent_id),
+            subject,
             &frame,
             trace,
-        );
-        if let Some(a) = self.inner.agents.get(&(tenant_id, agent_id)) {
-            a.do_send(conn::Deliver { frame, except });
+        ) {
+            hub.do_send(conn::Deliver { frame, except });
         }
     }
 
@@ -727,15 +717,32 @@ impl Realtime {
         except: Option<u64>,
         trace: Option<&TraceContext>,
     ) {
-        self.publish(
-            tenant_id,
-            subject::visitor(tenant_id, visitor_id),
+        let subject = || subject::visitor(tenant_id, visitor_id);
+        if let Some(hub) = self.hub_for(
+            &self.inner.visitors,
+            (tenant_id, visitor_id),
+            subject,
             &frame,
             trace,
-        );
-        if let Some(a) = self.inner.visitors.get(&(tenant_id, visitor_id)) {
-            a.do_send(conn::Deliver { frame, except });
+        ) {
+            hub.do_send(conn::Deliver { frame, except });
         }
+    }
+
+    /// Publishes a frame for the nodes hosting its recipient (cluster mode; the subject is
+    /// only built then), and returns the recipient's hub on this node, if it has one.
+    fn hub_for<A: Actor>(
+        &self,
+        hubs: &DashMap<Key, Addr<A>>,
+        key: Key,
+        subject: impl FnOnce() -> String,
+        frame: &ByteString,
+        trace: Option<&TraceContext>,
+    ) -> Option<Addr<A>> {
+        if let Some(c) = &self.inner.cluster {
+            c.publish(key.0, subject(), frame.as_bytes().clone(), trace);
+        }
+        hubs.get(&key).map(|hub| hub.clone())
     }
 
     /// Counts a visitor's socket in (`true`) or out.
