@@ -16,6 +16,7 @@ use super::conn::ConnHandle;
 use crate::conversations::log::{Change, WriteError, Written};
 use crate::conversations::{MessageView, Participant};
 use crate::governance::Compartment;
+use crate::governance::breaker::Breaker;
 use crate::protocol::{AgentRef, ServerFrame, error_frame};
 use crate::storage::writer::WriteOp;
 use crate::tenancy::TenantRecord;
@@ -31,11 +32,15 @@ pub struct ConversationActor {
     /// Visitor and agent as of the last write seen here (for relaying typing).
     participants: Option<(i64, Option<i64>)>,
     idle: Option<SpawnHandle>,
+    /// The tenant database's circuit breaker, looked up once rather than on every write.
+    breaker: Arc<Breaker>,
 }
 
 impl ConversationActor {
     pub fn new(rt: Realtime, tenant: Arc<TenantRecord>, id: i64) -> Self {
+        let breaker = rt.governance().breakers.tenant_db(&tenant.slug);
         Self {
+            breaker,
             rt,
             tenant,
             id,
@@ -227,6 +232,7 @@ impl Handler<Submit> for ConversationActor {
         let rt = self.rt.clone();
         let tenant = self.tenant.clone();
         let op = msg.op.clone();
+        let breaker = self.breaker.clone();
         let span = tracing::debug_span!(
             "write",
             tenant = %tenant.slug,
@@ -241,7 +247,6 @@ impl Handler<Submit> for ConversationActor {
                 .bulkheads
                 .enter(Compartment::TenantDbWrites, tenant.id)
                 .map_err(|_| WriteError::Overloaded)?;
-            let breaker = governance.breakers.tenant_db(&tenant.slug);
             breaker.check().map_err(|_| WriteError::Unavailable)?;
             let result = match rt.db(&tenant).await {
                 Ok(db) => rt.writers().write(tenant.id, &db, op).await,

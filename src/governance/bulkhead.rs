@@ -64,11 +64,15 @@ impl Bulkheads {
     /// Takes a place in the tenant's compartment, or is refused at once when it is full. The
     /// place is given back when the permit is dropped.
     pub fn enter(&self, c: Compartment, tenant_id: i64) -> Result<OwnedSemaphorePermit, Full> {
-        let sem = self
-            .map
-            .entry((c, tenant_id))
-            .or_insert_with(|| Arc::new(Semaphore::new(self.size(c))))
-            .clone();
+        // Read lock first: every write and tenant request passes here.
+        let sem = match self.map.get(&(c, tenant_id)) {
+            Some(sem) => sem.clone(),
+            None => self
+                .map
+                .entry((c, tenant_id))
+                .or_insert_with(|| Arc::new(Semaphore::new(self.size(c))))
+                .clone(),
+        };
         sem.try_acquire_owned().map_err(|_| {
             self.rejected
                 .entry(c)

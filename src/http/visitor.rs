@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use actix_web::{HttpResponse, web};
 
+use crate::tenancy::extract::TenantCall;
 use crate::trace_context::TraceContext;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -230,7 +231,7 @@ pub async fn events(
     {
         // Waiting is not using the database: the poll leaves the tenant's bulkhead while it
         // sleeps, or a tenant could hold only as many long-polls as the compartment's size.
-        leave_bulkhead(&req);
+        TenantCall::leave(&req);
         let _ = tokio::time::timeout(wait, wake).await;
         page = store::messages_after(db, conv.id, after, EVENTS_PER_POLL)
             .await
@@ -291,18 +292,6 @@ pub async fn close(
         return Err(write_err(refusal.as_write_error()));
     }
     Ok(HttpResponse::NoContent().finish())
-}
-
-/// Gives the request's place in its tenant's bulkhead back early; what it did so far with the
-/// database went well.
-fn leave_bulkhead(req: &actix_web::HttpRequest) {
-    use actix_web::HttpMessage;
-    let call = req
-        .extensions_mut()
-        .remove::<crate::tenancy::extract::TenantCall>();
-    if let Some(call) = call {
-        call.breaker.record(true);
-    }
 }
 
 /// Storage errors of these handlers.

@@ -283,6 +283,15 @@ fn write_batch_sqlite(db: &mut rusqlite::Connection, batch: &mut Vec<Job>) {
         txn.commit()?;
         Ok::<_, rusqlite::Error>(results)
     })();
+    answer(batch, results);
+}
+
+/// Answers every job of a batch after its transaction: each its own result, or, when the
+/// batch failed, all of them "unavailable" (nothing of it was stored).
+fn answer<E: std::fmt::Display>(
+    batch: &mut Vec<Job>,
+    results: Result<Vec<Result<Written, WriteError>>, E>,
+) {
     match results {
         Ok(results) => {
             for (job, result) in batch.drain(..).zip(results) {
@@ -348,19 +357,7 @@ async fn write_batch(db: &DatabaseConnection, batch: &mut Vec<Job>) {
         tracing::debug!("batch raced another writer on a client_msg_id; running it again");
         results = try_batch(db, batch).await;
     }
-    match results {
-        Ok(results) => {
-            for (job, result) in batch.drain(..).zip(results) {
-                let _ = job.reply.send(result);
-            }
-        }
-        Err(e) => {
-            tracing::error!(error = %e, jobs = batch.len(), "conversation write failed; nothing acknowledged");
-            for job in batch.drain(..) {
-                let _ = job.reply.send(Err(WriteError::Unavailable));
-            }
-        }
-    }
+    answer(batch, results);
 }
 
 /// One attempt at a batch: every result, or the storage error that rolled it all back.
@@ -368,56 +365,51 @@ async fn try_batch(
     db: &DatabaseConnection,
     batch: &[Job],
 ) -> Result<Vec<Result<Written, WriteError>>, sea_orm::DbErr> {
-    async {
-        let txn = crate::storage::begin_write(db).await?;
-        let mut results: Vec<Option<Result<Written, WriteError>>> =
-            batch.iter().map(|_| None).collect();
-        let messages: Vec<(usize, &NewMessage)> = batch
-            .iter()
-            .enumerate()
-            .filter_map(|(i, job)| match &job.op {
-                WriteOp::Message(m) => Some((i, m)),
-                _ => None,
-            })
-            .collect();
-        let mut ids: Vec<i64> = messages.iter().map(|(_, m)| m.conversation_id).collect();
-        ids.sort_unstable();
-        ids.dedup();
-        // Distinct conversations go in one round; should one repeat, one at a time keeps
-        // their order.
-        let rounds: Vec<Vec<(usize, &NewMessage)>> = if ids.len() == messages.len() {
-            vec![messages]
-        } else {
-            messages.into_iter().map(|m| vec![m]).collect()
-        };
-        for round in rounds {
-            let msgs: Vec<&NewMessage> = round.iter().map(|(_, m)| *m).collect();
-            for ((i, _), r) in round.iter().zip(log::append_many(&txn, &msgs).await?) {
-                results[*i] = Some(r);
-            }
+    let txn = crate::storage::begin_write(db).await?;
+    let mut results: Vec<Option<Result<Written, WriteError>>> =
+        batch.iter().map(|_| None).collect();
+    let messages: Vec<(usize, &NewMessage)> = batch
+        .iter()
+        .enumerate()
+        .filter_map(|(i, job)| match &job.op {
+            WriteOp::Message(m) => Some((i, m)),
+            _ => None,
+        })
+        .collect();
+    let mut ids: Vec<i64> = messages.iter().map(|(_, m)| m.conversation_id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    // Distinct conversations go in one round; should one repeat, one at a time keeps
+    // their order.
+    let rounds: Vec<Vec<(usize, &NewMessage)>> = if ids.len() == messages.len() {
+        vec![messages]
+    } else {
+        messages.into_iter().map(|m| vec![m]).collect()
+    };
+    for round in rounds {
+        let msgs: Vec<&NewMessage> = round.iter().map(|(_, m)| *m).collect();
+        for ((i, _), r) in round.iter().zip(log::append_many(&txn, &msgs).await?) {
+            results[*i] = Some(r);
         }
-        for (i, job) in batch.iter().enumerate() {
-            let result = match &job.op {
-                WriteOp::Message(_) => continue,
-                WriteOp::Change(c) => log::apply(&txn, c).await,
-                WriteOp::Read {
-                    conversation_id,
-                    reader,
-                    seq,
-                } => log::set_read(&txn, *conversation_id, *reader, *seq).await,
-            };
-            if let Err(WriteError::Storage(e)) = result {
-                return Err(e);
-            }
-            results[i] = Some(result);
-        }
-        TransactionSession::commit(txn).await?;
-        Ok::<_, sea_orm::DbErr>(
-            results
-                .into_iter()
-                .map(|r| r.unwrap_or(Err(WriteError::Unavailable)))
-                .collect::<Vec<_>>(),
-        )
     }
-    .await
+    for (i, job) in batch.iter().enumerate() {
+        let result = match &job.op {
+            WriteOp::Message(_) => continue,
+            WriteOp::Change(c) => log::apply(&txn, c).await,
+            WriteOp::Read {
+                conversation_id,
+                reader,
+                seq,
+            } => log::set_read(&txn, *conversation_id, *reader, *seq).await,
+        };
+        if let Err(WriteError::Storage(e)) = result {
+            return Err(e);
+        }
+        results[i] = Some(result);
+    }
+    TransactionSession::commit(txn).await?;
+    Ok(results
+        .into_iter()
+        .map(|r| r.unwrap_or(Err(WriteError::Unavailable)))
+        .collect())
 }

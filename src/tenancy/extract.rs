@@ -28,6 +28,17 @@ pub struct TenantCall {
     _place: tokio::sync::OwnedSemaphorePermit,
 }
 
+impl TenantCall {
+    /// Ends a request's claim early, before a wait that does not use the database (a
+    /// long-poll): its place in the bulkhead is free again, and what it did so far went well.
+    pub fn leave(req: &HttpRequest) {
+        let call = req.extensions_mut().remove::<TenantCall>();
+        if let Some(call) = call {
+            call.breaker.record(true);
+        }
+    }
+}
+
 impl Tenant {
     /// Resolves the tenant of a request from its `Host` (or, for HTTP/2, its authority).
     pub async fn of(state: &AppState, req: &HttpRequest) -> Result<Self, ApiError> {
