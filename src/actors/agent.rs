@@ -9,6 +9,7 @@ use actix::prelude::*;
 
 use super::Realtime;
 use super::conn::{Attach, ConnHandle, Deliver, Detach, KillAll, fan_out};
+use super::order::{DeliverWrite, OrderedHub, SeqOrder, handle_write};
 use crate::protocol::{AgentStatus, ServerFrame};
 use crate::tenancy::TenantRecord;
 
@@ -25,6 +26,8 @@ pub struct AgentActor {
     /// Online (takes new conversations) or away; a new agent actor starts online.
     status: AgentStatus,
     linger: Option<SpawnHandle>,
+    /// Conversations' writes in `seq` order, whichever node they come from.
+    order: SeqOrder,
 }
 
 impl AgentActor {
@@ -36,6 +39,7 @@ impl AgentActor {
             conns: Vec::new(),
             status: AgentStatus::Online,
             linger: None,
+            order: SeqOrder::default(),
         }
     }
 }
@@ -117,5 +121,23 @@ impl Handler<SetStatus> for AgentActor {
             self.rt.agent_presence(&self.tenant, self.id, Some(status));
         }
         fan_out(&self.conns, &ServerFrame::Status { status }.encode(), None);
+    }
+}
+
+impl OrderedHub for AgentActor {
+    fn order_and_conns(&mut self) -> (&mut SeqOrder, &[ConnHandle]) {
+        (&mut self.order, &self.conns)
+    }
+
+    fn storage(&self) -> (Realtime, Arc<TenantRecord>) {
+        (self.rt.clone(), self.tenant.clone())
+    }
+}
+
+impl Handler<DeliverWrite> for AgentActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: DeliverWrite, ctx: &mut Context<Self>) {
+        handle_write(self, msg, ctx);
     }
 }

@@ -1,7 +1,9 @@
 //! The conversation actor: the single path, on this node, by which a conversation's log grows.
 //!
 //! It handles one write at a time ([`AtomicResponse`]), so what it acknowledges and delivers
-//! leaves in `seq` order; the group-commit writer still batches across conversations.
+//! leaves in `seq` order; the group-commit writer still batches across conversations. The
+//! hubs keep that order per connection ([`super::order`]), also against writes of the same
+//! conversation made on other nodes.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +15,7 @@ use tracing::Instrument;
 
 use super::Realtime;
 use super::conn::ConnHandle;
+use super::order::DeliverWrite;
 use crate::conversations::log::{Change, WriteError, Written};
 use crate::conversations::{MessageView, Participant};
 use crate::governance::Compartment;
@@ -56,78 +59,58 @@ impl ConversationActor {
         self.idle = Some(ctx.run_later(IDLE_STOP, |_, ctx| ctx.stop()));
     }
 
-    /// Sends the frames of a stored write to everyone concerned; done once every hub on this
-    /// node has queued them on its sockets (other nodes get them as notices, in `trace`).
+    /// Sends the frames of a stored write to everyone concerned, and its ack to the
+    /// connection it came from: through that connection's hub when the sender is one of the
+    /// recipients, so that the ack keeps its place in the conversation's order there.
     fn deliver(
         &mut self,
         written: &Written,
-        except: Option<u64>,
+        mut ack: Option<(ConnHandle, ByteString)>,
+        sender: Option<Participant>,
         trace: Option<&TraceContext>,
-    ) -> Delivered {
-        let mut pending = Delivered::default();
+    ) {
         let Written::Stored {
             message,
             conversation: conv,
             before,
         } = written
         else {
-            return pending;
+            return;
         };
         self.participants = Some((conv.visitor_id, conv.agent_id));
         let view = MessageView::from(message.clone());
         let mut frames = vec![ServerFrame::Message(&view).encode()];
         frames.extend(event_frames(&view));
+        let write = DeliverWrite {
+            conversation_id: self.id,
+            seq: view.seq,
+            frames: frames.into(),
+            except: ack.as_ref().map(|(c, _)| c.id),
+            ack: None,
+        };
+        // The ack rides with the sender's own copy of the write.
+        let mut with_ack = |to: Participant| DeliverWrite {
+            ack: if sender == Some(to) { ack.take() } else { None },
+            ..write.clone()
+        };
         let tenant = self.tenant.id;
-        for f in &frames {
-            pending.visitors.extend(self.rt.to_visitor_ordered(
-                tenant,
-                conv.visitor_id,
-                f.clone(),
-                except,
-                trace,
-            ));
-            if let Some(a) = conv.agent_id {
-                pending.agents.extend(self.rt.to_agent_ordered(
-                    tenant,
-                    a,
-                    f.clone(),
-                    except,
-                    trace,
-                ));
-            }
-            // The agent who just lost the conversation (transfer, requeue, close) is told too.
-            if let Some(old) = before.agent_id
-                && Some(old) != conv.agent_id
-            {
-                pending.agents.extend(self.rt.to_agent_ordered(
-                    tenant,
-                    old,
-                    f.clone(),
-                    except,
-                    trace,
-                ));
-            }
+        let visitor = Participant::Visitor(conv.visitor_id);
+        self.rt
+            .write_to_visitor(tenant, conv.visitor_id, with_ack(visitor), trace);
+        if let Some(a) = conv.agent_id {
+            self.rt
+                .write_to_agent(tenant, a, with_ack(Participant::Agent(a)), trace);
         }
-        pending
-    }
-}
-
-/// Frames handed to hubs, not yet queued on their sockets.
-#[derive(Default)]
-struct Delivered {
-    agents: Vec<actix::dev::Request<super::agent::AgentActor, super::conn::Deliver>>,
-    visitors: Vec<actix::dev::Request<super::visitor::VisitorActor, super::conn::Deliver>>,
-}
-
-impl Delivered {
-    /// Done when every hub has queued its frames (or is gone: then nobody is left to order
-    /// against).
-    async fn done(self) {
-        for r in self.agents {
-            let _ = r.await;
+        // The agent who just lost the conversation (transfer, requeue, close) is told too.
+        if let Some(old) = before.agent_id
+            && Some(old) != conv.agent_id
+        {
+            self.rt
+                .write_to_agent(tenant, old, with_ack(Participant::Agent(old)), trace);
         }
-        for r in self.visitors {
-            let _ = r.await;
+        // The sender is not a participant (someone overseeing): no order to keep.
+        if let Some((origin, ack)) = ack {
+            origin.push(ack);
         }
     }
 }
@@ -260,8 +243,7 @@ impl Handler<Submit> for ConversationActor {
         }
         .instrument(span);
         AtomicResponse::new(Box::pin(write.into_actor(self).map(
-            move |result, act, ctx| {
-                let mut delivered = Delivered::default();
+            move |result, act, _| {
                 // A message is not echoed to the connection it came from (that one gets the ack);
                 // a change is, as its confirmation.
                 let except = match &msg.op {
@@ -272,6 +254,7 @@ impl Handler<Submit> for ConversationActor {
                 };
                 match (&result, &msg.origin, &msg.op) {
                     (Ok(written), origin, op) => {
+                        let mut ack = None;
                         if let (Some(origin), WriteOp::Message(m)) = (origin, op) {
                             let stored = match written {
                                 Written::Stored { message, .. } => Some((message, false)),
@@ -279,21 +262,29 @@ impl Handler<Submit> for ConversationActor {
                                 Written::ReadStored => None,
                             };
                             if let Some((message, duplicate)) = stored {
-                                origin.conn.push(
-                                    ServerFrame::Ack {
-                                        reference: origin.reference.as_ref(),
-                                        conversation_id: m.conversation_id,
-                                        client_msg_id: &message.client_msg_id,
-                                        id: message.id,
-                                        seq: message.seq,
-                                        created_at: message.created_at,
-                                        duplicate,
-                                    }
-                                    .encode(),
-                                );
+                                let frame = ServerFrame::Ack {
+                                    reference: origin.reference.as_ref(),
+                                    conversation_id: m.conversation_id,
+                                    client_msg_id: &message.client_msg_id,
+                                    id: message.id,
+                                    seq: message.seq,
+                                    created_at: message.created_at,
+                                    duplicate,
+                                }
+                                .encode();
+                                if duplicate {
+                                    // Nothing new to order it against.
+                                    origin.conn.push(frame);
+                                } else {
+                                    ack = Some((origin.conn.clone(), frame));
+                                }
                             }
                         }
-                        delivered = act.deliver(written, except, msg.trace.as_ref());
+                        let sender = match op {
+                            WriteOp::Message(m) => Some(m.sender),
+                            _ => None,
+                        };
+                        act.deliver(written, ack, sender, msg.trace.as_ref());
                         if let (WriteOp::Change(_), Written::Stored { .. }) = (op, written) {
                             act.rt.conversation_changed(act.tenant.id, act.id);
                         }
@@ -321,10 +312,6 @@ impl Handler<Submit> for ConversationActor {
                     }
                     (Err(_), None, _) => {}
                 }
-                // The caller has its answer now; the next write waits until the hubs have
-                // queued this one's frames: its ack goes straight to its sender's socket and
-                // must not overtake them there.
-                ctx.wait(delivered.done().into_actor(act));
                 result
             },
         )))

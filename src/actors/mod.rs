@@ -6,6 +6,8 @@
 //! - [`agent::AgentActor`]: one per online agent, fanning frames out to all of the agent's
 //!   connections (two browser tabs both receive) and reporting presence to the queue.
 //! - [`visitor::VisitorActor`]: the same for a visitor, plus the wake-ups of long-polls.
+//! - [`order::SeqOrder`]: what a hub keeps so that its connections get each conversation's
+//!   writes in `seq` order, with no gap or repeat, however they reached this node.
 //! - [`queue::QueueActor`]: one per tenant: queues per team, agents' presence and load, and
 //!   the decisions (assign, transfer, requeue, close, abandon).
 //!
@@ -22,6 +24,7 @@
 pub mod agent;
 pub mod conn;
 pub mod conversation;
+pub mod order;
 pub mod queue;
 pub mod visitor;
 
@@ -51,14 +54,14 @@ use visitor::VisitorActor;
 /// A tenant's key in the registry maps: (tenant id, actor id).
 type Key = (i64, i64);
 
-/// Hands a frame another node published for an agent or visitor to its hub here.
+/// Hands a notice another node published for an agent or visitor to its hub here: a stored
+/// write (its frames, in order behind the others of its conversation) or a single frame.
 fn deliver_here<A>(hubs: &DashMap<Key, Addr<A>>, kind: &'static str, id: i64, n: Notice)
 where
-    A: Actor<Context = actix::Context<A>> + actix::Handler<conn::Deliver>,
+    A: Actor<Context = actix::Context<A>>
+        + actix::Handler<conn::Deliver>
+        + actix::Handler<order::DeliverWrite>,
 {
-    let Ok(frame) = ByteString::try_from(n.payload) else {
-        return;
-    };
     tracing::debug!(
         trace_id = %n.trace.trace_id,
         from = %n.node,
@@ -67,12 +70,43 @@ where
         id,
         "delivering a frame from another node"
     );
-    if let Some(hub) = hubs.get(&(n.tenant, id)) {
-        hub.do_send(conn::Deliver {
-            frame,
+    let Some(hub) = hubs.get(&(n.tenant, id)).map(|h| h.clone()) else {
+        return;
+    };
+    let Ok(payload) = ByteString::try_from(n.payload) else {
+        tracing::warn!(from = %n.node, "notice that is not UTF-8 dropped");
+        return;
+    };
+    match n.seq {
+        Some((conversation_id, seq)) => hub.do_send(order::DeliverWrite {
+            conversation_id,
+            seq,
+            frames: split_frames(&payload),
             except: None,
-        });
+            ack: None,
+        }),
+        None => hub.do_send(conn::Deliver {
+            frame: payload,
+            except: None,
+        }),
     }
+}
+
+/// The frames of a write travel in one notice, one per line: compact JSON has no raw line
+/// breaks (they are escaped inside strings).
+fn join_frames(frames: &[ByteString]) -> bytes::Bytes {
+    let mut out = Vec::with_capacity(frames.iter().map(|f| f.len() + 1).sum());
+    for (i, f) in frames.iter().enumerate() {
+        if i > 0 {
+            out.push(b'\n');
+        }
+        out.extend_from_slice(f.as_bytes());
+    }
+    out.into()
+}
+
+fn split_frames(payload: &ByteString) -> Arc<[ByteString]> {
+    payload.split('\n').map(|f| payload.slice_ref(f)).collect()
 }
 
 /// What a registry lookup found.
@@ -643,47 +677,54 @@ impl Realtime {
         }
     }
 
-    /// Like [`Self::to_agent`], but the answer comes once the hub on this node has queued the
-    /// frame on the agent's sockets. A conversation waits for it before its next write, so
-    /// that the ack of that write (queued straight on the sender's socket) cannot overtake
-    /// this frame. Other nodes get the frame as a notice, as with [`Self::to_agent`].
-    pub fn to_agent_ordered(
+    /// Hands a stored write to an agent's connections: to its hub on this node (which keeps
+    /// the conversation's order, see [`order`]) and, in cluster mode, as a notice to the
+    /// nodes hosting the agent. The ack stays on this node: only its sender is here.
+    pub fn write_to_agent(
         &self,
         tenant_id: i64,
         agent_id: i64,
-        frame: ByteString,
-        except: Option<u64>,
+        write: order::DeliverWrite,
         trace: Option<&TraceContext>,
-    ) -> Option<actix::dev::Request<AgentActor, conn::Deliver>> {
-        let subject = || subject::agent(tenant_id, agent_id);
-        self.hub_for(
-            &self.inner.agents,
-            (tenant_id, agent_id),
-            subject,
-            &frame,
-            trace,
-        )
-        .map(|hub| hub.send(conn::Deliver { frame, except }))
+    ) {
+        if let Some(c) = &self.inner.cluster {
+            c.publish_write(
+                tenant_id,
+                subject::agent(tenant_id, agent_id),
+                join_frames(&write.frames),
+                (write.conversation_id, write.seq),
+                trace,
+            );
+        }
+        if let Some(hub) = self.inner.agents.get(&(tenant_id, agent_id)) {
+            hub.do_send(write);
+        } else if let Some((origin, ack)) = write.ack {
+            origin.push(ack);
+        }
     }
 
-    /// [`Self::to_agent_ordered`] for a visitor.
-    pub fn to_visitor_ordered(
+    /// [`Self::write_to_agent`] for a visitor.
+    pub fn write_to_visitor(
         &self,
         tenant_id: i64,
         visitor_id: i64,
-        frame: ByteString,
-        except: Option<u64>,
+        write: order::DeliverWrite,
         trace: Option<&TraceContext>,
-    ) -> Option<actix::dev::Request<VisitorActor, conn::Deliver>> {
-        let subject = || subject::visitor(tenant_id, visitor_id);
-        self.hub_for(
-            &self.inner.visitors,
-            (tenant_id, visitor_id),
-            subject,
-            &frame,
-            trace,
-        )
-        .map(|hub| hub.send(conn::Deliver { frame, except }))
+    ) {
+        if let Some(c) = &self.inner.cluster {
+            c.publish_write(
+                tenant_id,
+                subject::visitor(tenant_id, visitor_id),
+                join_frames(&write.frames),
+                (write.conversation_id, write.seq),
+                trace,
+            );
+        }
+        if let Some(hub) = self.inner.visitors.get(&(tenant_id, visitor_id)) {
+            hub.do_send(write);
+        } else if let Some((origin, ack)) = write.ack {
+            origin.push(ack);
+        }
     }
 
     /// Delivers a frame to every connection of an agent: on this node directly, and in

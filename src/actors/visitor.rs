@@ -9,6 +9,7 @@ use tokio::sync::oneshot;
 
 use super::Realtime;
 use super::conn::{Attach, ConnHandle, Deliver, Detach, KillAll, fan_out};
+use super::order::{DeliverWrite, OrderedHub, SeqOrder, handle_write};
 use super::queue;
 use crate::tenancy::TenantRecord;
 
@@ -23,6 +24,8 @@ pub struct VisitorActor {
     /// Long-polls waiting for anything new; each is woken once.
     waiters: Vec<oneshot::Sender<()>>,
     linger: Option<SpawnHandle>,
+    /// Conversations' writes in `seq` order, whichever node they come from.
+    order: SeqOrder,
 }
 
 impl VisitorActor {
@@ -34,6 +37,7 @@ impl VisitorActor {
             conns: Vec::new(),
             waiters: Vec::new(),
             linger: None,
+            order: SeqOrder::default(),
         }
     }
 
@@ -107,9 +111,7 @@ impl Handler<Deliver> for VisitorActor {
 
     fn handle(&mut self, msg: Deliver, _: &mut Context<Self>) {
         fan_out(&self.conns, &msg.frame, msg.except);
-        for w in self.waiters.drain(..) {
-            let _ = w.send(());
-        }
+        self.wake_long_polls();
     }
 }
 
@@ -121,9 +123,7 @@ impl Handler<KillAll> for VisitorActor {
             c.kill(why);
         }
         // Long-polls answer now; their next request is refused.
-        for w in self.waiters.drain(..) {
-            let _ = w.send(());
-        }
+        self.wake_long_polls();
     }
 }
 
@@ -142,5 +142,35 @@ impl Handler<Wait> for VisitorActor {
         self.rearm_linger(ctx);
         self.presence(None);
         MessageResult(rx)
+    }
+}
+
+impl VisitorActor {
+    fn wake_long_polls(&mut self) {
+        for w in self.waiters.drain(..) {
+            let _ = w.send(());
+        }
+    }
+}
+
+impl OrderedHub for VisitorActor {
+    fn order_and_conns(&mut self) -> (&mut SeqOrder, &[ConnHandle]) {
+        (&mut self.order, &self.conns)
+    }
+
+    fn storage(&self) -> (Realtime, Arc<TenantRecord>) {
+        (self.rt.clone(), self.tenant.clone())
+    }
+
+    fn handed_over(&mut self) {
+        self.wake_long_polls();
+    }
+}
+
+impl Handler<DeliverWrite> for VisitorActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: DeliverWrite, ctx: &mut Context<Self>) {
+        handle_write(self, msg, ctx);
     }
 }

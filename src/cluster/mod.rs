@@ -36,6 +36,9 @@ pub const HDR_NODE: &str = "Kefu-Node";
 pub const HDR_TENANT: &str = "Kefu-Tenant";
 /// W3C trace context of the work that produced the notice.
 pub const HDR_TRACEPARENT: &str = "traceparent";
+/// On the notice of a stored write: `<conversation id>:<seq>`, so that the receiving hub
+/// keeps the conversation's order (its payload is the write's frames, one per line).
+pub const HDR_SEQ: &str = "Kefu-Seq";
 
 /// Notices waiting for the publisher. When it is full (NATS unreachable for long), notices
 /// are dropped rather than the actors blocked: they are hints, storage has the data.
@@ -70,6 +73,8 @@ pub struct Notice {
     /// The sender's trace (a malformed or missing header starts a new one).
     pub trace: TraceContext,
     pub payload: Bytes,
+    /// A stored write's conversation and `seq` ([`HDR_SEQ`]).
+    pub seq: Option<(i64, i64)>,
     /// Where to answer (queue requests only).
     pub reply: Option<Subject>,
 }
@@ -124,6 +129,9 @@ impl Cluster {
     ) -> Result<Self, ClusterError> {
         let client = async_nats::ConnectOptions::new()
             .name(format!("kefu {node}"))
+            // A node delivers to its own hubs directly; the broker need not send its notices
+            // back to it.
+            .no_echo()
             .retry_on_initial_connect()
             .max_reconnects(None)
             .reconnect_delay_callback(|attempts| {
@@ -205,16 +213,31 @@ impl Cluster {
         payload: Bytes,
         trace: Option<&TraceContext>,
     ) {
+        self.send(subject, self.headers(tenant, trace), payload);
+    }
+
+    /// Publishes the frames of a stored write (`seq` of `conversation`), one per line.
+    pub fn publish_write(
+        &self,
+        tenant: i64,
+        subject: String,
+        frames: Bytes,
+        (conversation, seq): (i64, i64),
+        trace: Option<&TraceContext>,
+    ) {
+        let mut headers = self.headers(tenant, trace);
+        headers.insert(HDR_SEQ, format!("{conversation}:{seq}").as_str());
+        self.send(subject, headers, frames);
+    }
+
+    fn send(&self, subject: String, headers: HeaderMap, payload: Bytes) {
         let out = Outgoing {
             subject,
-            headers: self.headers(tenant, trace),
+            headers,
             payload,
         };
         if self.inner.outbox.try_send(out).is_err() {
-            tracing::warn!(
-                tenant,
-                "cluster outbox full; notice dropped (clients resync)"
-            );
+            tracing::warn!("cluster outbox full; notice dropped (clients resync)");
         }
     }
 
@@ -289,6 +312,7 @@ impl Cluster {
                     trace: header(HDR_TRACEPARENT)
                         .and_then(|t| TraceContext::parse(&t))
                         .unwrap_or_else(TraceContext::root),
+                    seq: header(HDR_SEQ).and_then(|s| parse_seq(&s)),
                     payload: msg.payload,
                     reply: msg.reply,
                 });
@@ -329,6 +353,12 @@ impl Cluster {
     pub fn close(&self) {
         self.inner.listeners.clear();
     }
+}
+
+/// Reads a [`HDR_SEQ`] value.
+fn parse_seq(value: &str) -> Option<(i64, i64)> {
+    let (conversation, seq) = value.split_once(':')?;
+    Some((conversation.parse().ok()?, seq.parse().ok()?))
 }
 
 /// Publishes the outbox in order.

@@ -14,7 +14,9 @@
 //!   Messages go through this thread; the rare state changes and read positions keep the async
 //!   path below on the tenant's pool (SQLite's write lock, with its busy timeout, orders the
 //!   two connections, and each conversation has one write in flight, so their order per
-//!   conversation holds).
+//!   conversation holds). SQLite's automatic WAL checkpoint would run inside whichever commit
+//!   crosses its threshold and hold every queued message behind the copy and its `fsync` (the
+//!   benchmark's p99 tail); a [`Checkpointer`] thread does it beside the writer instead.
 //! - PostgreSQL: a task on the async runtime; the hand-offs are network round trips there
 //!   anyway.
 
@@ -226,6 +228,15 @@ fn run_sqlite(
             return;
         }
     };
+    // The WAL is copied back into the database file by a thread of its own, not inside
+    // whichever commit crosses SQLite's automatic threshold: that commit, and every message
+    // of the tenant queued behind it, would wait for the copy and its `fsync`.
+    let checkpointer = Checkpointer::start(tenant_id, path);
+    if checkpointer.is_some()
+        && let Err(e) = db.pragma_update(None, "wal_autocheckpoint", 0)
+    {
+        tracing::warn!(error = %e, tenant_id, "automatic checkpoints stay on the writer");
+    }
     let mut batch = Vec::with_capacity(MAX_BATCH);
     loop {
         let first = match rx.recv_timeout(IDLE_EXIT) {
@@ -245,8 +256,92 @@ fn run_sqlite(
         batch.push(first);
         batch.extend(rx.try_iter().take(MAX_BATCH - 1));
         write_batch_sqlite(&mut db, &mut batch);
+        if let Some(c) = &checkpointer {
+            c.committed();
+        }
     }
+    drop(checkpointer);
     tracing::debug!(tenant_id, "conversation writer ended");
+}
+
+/// How often the checkpointer copies what was committed into the database file. Often enough
+/// that the WAL stays a few megabytes at full load (SQLite's own threshold is 1,000 pages).
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+
+/// A SQLite writer's companion thread: `PRAGMA wal_checkpoint(PASSIVE)` on a connection of its
+/// own after commits, which runs beside the writer's next transactions instead of inside one.
+/// It ends (after a last checkpoint) when dropped.
+struct Checkpointer {
+    /// Raised by the writer after each commit; the thread checkpoints only when raised.
+    dirty: Arc<std::sync::atomic::AtomicBool>,
+    /// Dropping it wakes and ends the thread.
+    stop: Option<flume::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    /// `None` when its connection or thread cannot be had: then SQLite's automatic
+    /// checkpoints stay on.
+    fn start(tenant_id: i64, path: &std::path::Path) -> Option<Self> {
+        let mut db = match open_sqlite(path) {
+            Ok(db) => db,
+            Err(e) => {
+                tracing::warn!(error = %e, tenant_id, "no checkpointer connection");
+                return None;
+            }
+        };
+        let dirty = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (stop, stopped) = flume::bounded::<()>(0);
+        let flag = dirty.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("kefu-checkpoint-{tenant_id}"))
+            .spawn(move || {
+                loop {
+                    let last = !matches!(
+                        stopped.recv_timeout(CHECKPOINT_EVERY),
+                        Err(flume::RecvTimeoutError::Timeout)
+                    );
+                    if flag.swap(false, Ordering::AcqRel) || last {
+                        checkpoint(&mut db, tenant_id);
+                    }
+                    if last {
+                        break;
+                    }
+                }
+            });
+        match thread {
+            Ok(thread) => Some(Self {
+                dirty,
+                stop: Some(stop),
+                thread: Some(thread),
+            }),
+            Err(e) => {
+                tracing::warn!(error = %e, tenant_id, "no checkpointer thread");
+                None
+            }
+        }
+    }
+
+    fn committed(&self) {
+        self.dirty.store(true, Ordering::Release);
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        // Disconnects the channel: the thread does a last checkpoint and ends.
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A PASSIVE checkpoint never waits for the writer or readers: it copies what it can now.
+fn checkpoint(db: &mut rusqlite::Connection, tenant_id: i64) {
+    if let Err(e) = db.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+        tracing::warn!(error = %e, tenant_id, "WAL checkpoint failed; the next one retries");
+    }
 }
 
 fn open_sqlite(path: &std::path::Path) -> rusqlite::Result<rusqlite::Connection> {
@@ -412,4 +507,56 @@ async fn try_batch(
         .into_iter()
         .map(|r| r.unwrap_or(Err(WriteError::Unavailable)))
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Rows the database file holds by itself, the WAL ignored (`immutable=1`).
+    fn rows_in_main_file(path: &std::path::Path) -> i64 {
+        let uri = format!("file:{}?immutable=1", path.display());
+        let db = rusqlite::Connection::open_with_flags(
+            uri,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_URI,
+        )
+        .expect("open read-only");
+        db.query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap_or(0)
+    }
+
+    #[test]
+    fn the_checkpointer_copies_commits_into_the_database_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("tenant.db");
+        let setup = rusqlite::Connection::open(&path).expect("create");
+        setup
+            .execute_batch("PRAGMA journal_mode=WAL; CREATE TABLE t (x INTEGER);")
+            .expect("schema");
+        drop(setup);
+
+        let mut writer = open_sqlite(&path).expect("writer connection");
+        writer
+            .pragma_update(None, "wal_autocheckpoint", 0)
+            .expect("no automatic checkpoints");
+        let checkpointer = Checkpointer::start(1, &path).expect("checkpointer");
+        let before = rows_in_main_file(&path);
+        let txn = writer.transaction().expect("begin");
+        for x in 0..100 {
+            txn.execute("INSERT INTO t VALUES (?1)", [x])
+                .expect("insert");
+        }
+        txn.commit().expect("commit");
+        checkpointer.committed();
+
+        // Only the checkpointer moves the rows from the WAL into the file (the writer's own
+        // checkpoints are off): wait for it, boundedly.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while rows_in_main_file(&path) < 100 {
+            assert!(std::time::Instant::now() < deadline, "never checkpointed");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(before, 0);
+        drop(checkpointer);
+    }
 }

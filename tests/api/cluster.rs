@@ -641,6 +641,28 @@ async fn nats_restarts_and_nodes_recover_by_themselves() {
         during.push(ack["seq"].as_i64().unwrap());
     }
 
+    // The agent answers through its own node meanwhile: before its ack, its node hands it
+    // what the visitor's node stored (no notice came: read from storage), in order.
+    agent
+        .send(
+            json!({"type": "send", "ref": "answer", "conversation_id": conv,
+                     "client_msg_id": "answer", "content": {"kind": "text", "text": "answer"}}),
+        )
+        .await;
+    let mut filled = Vec::new();
+    let ack = loop {
+        let f = agent.recv().await;
+        match f["type"].as_str() {
+            Some("ack") => break f,
+            Some("message") if f["conversation_id"] == conv => {
+                filled.push(f["seq"].as_i64().unwrap());
+            }
+            _ => assert_ne!(f["type"], "error", "{f}"),
+        }
+    };
+    assert_eq!(ack["seq"].as_i64().unwrap(), during[2] + 1, "{ack}");
+    assert_eq!(filled, during, "what the agent got before its ack");
+
     // It comes back on the same port; the nodes reconnect and resubscribe by themselves:
     // new messages cross again.
     c.nats.restart().await;
@@ -692,11 +714,23 @@ async fn two_nodes_writing_one_conversation_keep_seq_gap_free() {
     // socket also re-sends some of the other's ids (idempotency across nodes).
     let mut on1 = visitor_socket(n1, &t, &v).await;
     let mut on2 = visitor_socket(n2, &t, &v).await;
-    tokio::join!(
+    let seen = tokio::join!(
         send_all(&mut on1, conv, "v1", true),
         send_all(&mut on2, conv, "v2", true),
         send_all(&mut agent, conv, "ag", false),
     );
+    // Every socket saw the conversation in order, each seq once, as a message or as the ack of
+    // its own send, although the writes came from two nodes.
+    for (who, seqs) in [
+        ("visitor on 1", seen.0),
+        ("visitor on 2", seen.1),
+        ("agent", seen.2),
+    ] {
+        assert!(
+            seqs.windows(2).all(|w| w[1] == w[0] + 1),
+            "{who} saw {seqs:?}"
+        );
+    }
 
     let log = history(n2, &t, conv).await;
     assert_gap_free(&log);
@@ -715,8 +749,9 @@ async fn two_nodes_writing_one_conversation_keep_seq_gap_free() {
 const N: usize = 40;
 
 /// Sends `N` messages without waiting, then waits for all their acks. With `shared`, every
-/// fourth id is one the other visitor socket sends too.
-async fn send_all(ws: &mut Ws, conv: i64, prefix: &str, shared: bool) {
+/// fourth id is one the other visitor socket sends too. Returns the seqs the socket saw
+/// meanwhile, in arrival order: messages, and the acks of its sends that stored something.
+async fn send_all(ws: &mut Ws, conv: i64, prefix: &str, shared: bool) -> Vec<i64> {
     for i in 0..N {
         let id = if shared && i % 4 == 0 {
             format!("shared-{i}")
@@ -730,14 +765,26 @@ async fn send_all(ws: &mut Ws, conv: i64, prefix: &str, shared: bool) {
         .await;
     }
     let mut acks = 0;
+    let mut seen = Vec::new();
     while acks < N {
         let f = ws.recv().await;
-        if f["type"] == "ack" {
-            acks += 1;
-        } else {
-            assert_ne!(f["type"], "error", "{f}");
+        match f["type"].as_str() {
+            Some("ack") => {
+                acks += 1;
+                // A duplicate's ack names the first copy's seq; and a node that filled a gap
+                // from storage may have shown this socket its own message before its ack.
+                let seq = f["seq"].as_i64().unwrap();
+                if f["duplicate"] != true && !seen.contains(&seq) {
+                    seen.push(seq);
+                }
+            }
+            Some("message") if f["conversation_id"] == conv => {
+                seen.push(f["seq"].as_i64().unwrap());
+            }
+            _ => assert_ne!(f["type"], "error", "{f}"),
         }
     }
+    seen
 }
 
 #[actix_web::test]
