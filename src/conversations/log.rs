@@ -9,8 +9,7 @@ use chrono::Utc;
 use entity::tenant::{conversation, message, read_position};
 use sea_orm::sea_query::{Expr, ExprTrait};
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, ConnectionTrait, DbBackend, DbErr, EntityTrait, QueryFilter,
-    Set, Statement,
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter, Set,
 };
 use serde_json::json;
 
@@ -110,41 +109,6 @@ pub enum WriteError {
     Overloaded,
 }
 
-/// PostgreSQL's statements for [`append_many`]. Their text never changes: the batch is one
-/// `jsonb` parameter. Built with one `OR` term per message, every batch was new SQL to parse and
-/// plan, and no prepared statement could be reused; at 4,000 msg/s that planning, not the
-/// commits, was most of the writer's latency.
-mod pg {
-    /// The batch's re-sends: rows `{c: conversation, k: client_msg_id}`.
-    pub const RESENT: &str = "SELECT m.* FROM messages m \
-        JOIN jsonb_to_recordset($1::jsonb) AS r(c bigint, k text) \
-        ON m.conversation_id = r.c AND m.client_msg_id = r.k";
-    /// One `seq` for each message whose sender may write (the rules of the generic path):
-    /// rows `{c, kind, who}`; conversations are distinct within a batch.
-    pub const BUMP: &str = "UPDATE conversations c SET last_seq = c.last_seq + 1 \
-        FROM jsonb_to_recordset($1::jsonb) AS r(c bigint, kind text, who bigint) \
-        WHERE c.id = r.c AND ((r.kind = 'visitor' AND c.visitor_id = r.who AND c.status <> 'closed') \
-        OR (r.kind = 'agent' AND c.agent_id = r.who AND c.status = 'active')) \
-        RETURNING c.*";
-    /// The messages: rows `{c, seq, k, kind, who, content}`, all created at `$2`.
-    pub const INSERT: &str = "INSERT INTO messages \
-        (conversation_id, seq, client_msg_id, sender_kind, sender_id, content, created_at) \
-        SELECT r.c, r.seq, r.k, r.kind, r.who, r.content, $2 \
-        FROM jsonb_to_recordset($1::jsonb) AS r(c bigint, seq bigint, k text, kind text, who bigint, content text) \
-        RETURNING *";
-}
-
-/// One of the [`pg`] statements with its batch (and any further parameters).
-fn pg_batch<const N: usize>(
-    sql: &str,
-    batch: Vec<serde_json::Value>,
-    more: [sea_orm::Value; N],
-) -> Statement {
-    let mut values = vec![sea_orm::Value::from(serde_json::Value::Array(batch))];
-    values.extend(more);
-    Statement::from_sql_and_values(DbBackend::Postgres, sql, values)
-}
-
 /// Appends messages of distinct conversations in three statements, however many there are:
 /// one query for re-sends, one `UPDATE … RETURNING` that allocates every `seq` (and checks in
 /// the same statement that each sender may write), one multi-row `INSERT`. Under load the
@@ -162,28 +126,18 @@ pub async fn append_many(
     let mut out: Vec<Option<Result<Written, WriteError>>> = msgs.iter().map(|_| None).collect();
 
     // Re-sends: answered with the first copy, nothing stored.
-    let pg = db.get_database_backend() == DbBackend::Postgres;
-    let existing = if pg {
-        let batch = msgs
-            .iter()
-            .map(|m| json!({"c": m.conversation_id, "k": m.client_msg_id}))
-            .collect();
-        message::Entity::find()
-            .from_raw_sql(pg_batch(pg::RESENT, batch, []))
-            .all(db)
-            .await?
-    } else {
-        let mut resent = sea_orm::Condition::any();
-        for m in msgs {
-            resent = resent.add(
-                sea_orm::Condition::all()
-                    .add(M::ConversationId.eq(m.conversation_id))
-                    .add(M::ClientMsgId.eq(m.client_msg_id.as_str())),
-            );
-        }
-        message::Entity::find().filter(resent).all(db).await?
-    };
-    let existing: HashMap<(i64, String), message::Model> = existing
+    let mut resent = sea_orm::Condition::any();
+    for m in msgs {
+        resent = resent.add(
+            sea_orm::Condition::all()
+                .add(M::ConversationId.eq(m.conversation_id))
+                .add(M::ClientMsgId.eq(m.client_msg_id.as_str())),
+        );
+    }
+    let existing: HashMap<(i64, String), message::Model> = message::Entity::find()
+        .filter(resent)
+        .all(db)
+        .await?
         .into_iter()
         .map(|e| ((e.conversation_id, e.client_msg_id.clone()), e))
         .collect();
@@ -199,39 +153,27 @@ pub async fn append_many(
     if fresh.is_empty() {
         return Ok(out.into_iter().flatten().collect());
     }
-    let bumped = if pg {
-        let batch = fresh
-            .iter()
-            .map(|&i| {
-                let m = msgs[i];
-                json!({"c": m.conversation_id, "kind": m.sender.kind(), "who": m.sender.id()})
-            })
-            .collect();
-        conversation::Entity::find()
-            .from_raw_sql(pg_batch(pg::BUMP, batch, []))
-            .all(db)
-            .await?
-    } else {
-        let mut allowed = sea_orm::Condition::any();
-        for &i in &fresh {
-            let m = msgs[i];
-            let one = sea_orm::Condition::all().add(C::Id.eq(m.conversation_id));
-            allowed = allowed.add(match m.sender {
-                Participant::Visitor(v) => one
-                    .add(C::VisitorId.eq(v))
-                    .add(C::Status.ne(ConversationStatus::Closed.as_str())),
-                Participant::Agent(a) => one
-                    .add(C::AgentId.eq(a))
-                    .add(C::Status.eq(ConversationStatus::Active.as_str())),
-            });
-        }
-        conversation::Entity::update_many()
-            .col_expr(C::LastSeq, Expr::col(C::LastSeq).add(1))
-            .filter(allowed)
-            .exec_with_returning(db)
-            .await?
-    };
-    let bumped: HashMap<i64, conversation::Model> = bumped.into_iter().map(|c| (c.id, c)).collect();
+    let mut allowed = sea_orm::Condition::any();
+    for &i in &fresh {
+        let m = msgs[i];
+        let one = sea_orm::Condition::all().add(C::Id.eq(m.conversation_id));
+        allowed = allowed.add(match m.sender {
+            Participant::Visitor(v) => one
+                .add(C::VisitorId.eq(v))
+                .add(C::Status.ne(ConversationStatus::Closed.as_str())),
+            Participant::Agent(a) => one
+                .add(C::AgentId.eq(a))
+                .add(C::Status.eq(ConversationStatus::Active.as_str())),
+        });
+    }
+    let bumped: HashMap<i64, conversation::Model> = conversation::Entity::update_many()
+        .col_expr(C::LastSeq, Expr::col(C::LastSeq).add(1))
+        .filter(allowed)
+        .exec_with_returning(db)
+        .await?
+        .into_iter()
+        .map(|c| (c.id, c))
+        .collect();
 
     // Say why the others were refused (rare: read only then).
     let refused: Vec<i64> = fresh
@@ -260,42 +202,27 @@ pub async fn append_many(
 
     // Store them all in one statement.
     let now = Utc::now();
-    let storing: Vec<(&NewMessage, i64)> = fresh
+    let rows: Vec<message::ActiveModel> = fresh
         .iter()
         .filter_map(|&i| {
             let m = msgs[i];
-            Some((m, bumped.get(&m.conversation_id)?.last_seq))
-        })
-        .collect();
-    if !storing.is_empty() {
-        let inserted = if pg {
-            let batch = storing
-                .iter()
-                .map(|(m, seq)| {
-                    json!({"c": m.conversation_id, "seq": seq, "k": m.client_msg_id,
-                           "kind": m.sender.kind(), "who": m.sender.id(), "content": m.content})
-                })
-                .collect();
-            message::Entity::find()
-                .from_raw_sql(pg_batch(pg::INSERT, batch, [now.into()]))
-                .all(db)
-                .await?
-        } else {
-            let rows = storing.iter().map(|(m, seq)| message::ActiveModel {
+            let conv = bumped.get(&m.conversation_id)?;
+            Some(message::ActiveModel {
                 conversation_id: Set(m.conversation_id),
-                seq: Set(*seq),
+                seq: Set(conv.last_seq),
                 client_msg_id: Set(m.client_msg_id.clone()),
                 sender_kind: Set(m.sender.kind().to_owned()),
                 sender_id: Set(Some(m.sender.id())),
                 content: Set(m.content.clone()),
                 created_at: Set(now),
                 ..Default::default()
-            });
-            message::Entity::insert_many(rows)
-                .exec_with_returning(db)
-                .await?
-        };
-        let mut inserted: HashMap<i64, message::Model> = inserted
+            })
+        })
+        .collect();
+    if !rows.is_empty() {
+        let mut inserted: HashMap<i64, message::Model> = message::Entity::insert_many(rows)
+            .exec_with_returning(db)
+            .await?
             .into_iter()
             .map(|row| (row.conversation_id, row))
             .collect();
