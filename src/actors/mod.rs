@@ -687,20 +687,14 @@ impl Realtime {
         write: order::DeliverWrite,
         trace: Option<&TraceContext>,
     ) {
-        if let Some(c) = &self.inner.cluster {
-            c.publish_write(
-                tenant_id,
-                subject::agent(tenant_id, agent_id),
-                join_frames(&write.frames),
-                (write.conversation_id, write.seq),
-                trace,
-            );
-        }
-        if let Some(hub) = self.inner.agents.get(&(tenant_id, agent_id)) {
-            hub.do_send(write);
-        } else if let Some((origin, ack)) = write.ack {
-            origin.push(ack);
-        }
+        let subject = || subject::agent(tenant_id, agent_id);
+        self.write_to(
+            &self.inner.agents,
+            (tenant_id, agent_id),
+            subject,
+            write,
+            trace,
+        );
     }
 
     /// [`Self::write_to_agent`] for a visitor.
@@ -711,18 +705,34 @@ impl Realtime {
         write: order::DeliverWrite,
         trace: Option<&TraceContext>,
     ) {
+        let subject = || subject::visitor(tenant_id, visitor_id);
+        self.write_to(
+            &self.inner.visitors,
+            (tenant_id, visitor_id),
+            subject,
+            write,
+            trace,
+        );
+    }
+
+    fn write_to<A>(
+        &self,
+        hubs: &DashMap<Key, Addr<A>>,
+        key: Key,
+        subject: impl FnOnce() -> String,
+        write: order::DeliverWrite,
+        trace: Option<&TraceContext>,
+    ) where
+        A: Actor<Context = actix::Context<A>> + actix::Handler<order::DeliverWrite>,
+    {
         if let Some(c) = &self.inner.cluster {
-            c.publish_write(
-                tenant_id,
-                subject::visitor(tenant_id, visitor_id),
-                join_frames(&write.frames),
-                (write.conversation_id, write.seq),
-                trace,
-            );
+            let at = (write.conversation_id, write.seq);
+            c.publish_write(key.0, subject(), join_frames(&write.frames), at, trace);
         }
-        if let Some(hub) = self.inner.visitors.get(&(tenant_id, visitor_id)) {
+        if let Some(hub) = hubs.get(&key) {
             hub.do_send(write);
         } else if let Some((origin, ack)) = write.ack {
+            // No hub here to order against: the sender's connection is elsewhere or closing.
             origin.push(ack);
         }
     }
