@@ -192,21 +192,28 @@ fn sqlite_file(db: &DatabaseConnection) -> Option<PathBuf> {
 /// thread, see the module documentation).
 async fn write_alone(db: &DatabaseConnection, op: &WriteOp) -> Result<Written, WriteError> {
     let txn = crate::storage::begin_write(db).await?;
-    let result = match op {
-        WriteOp::Change(c) => log::apply(&txn, c).await,
-        WriteOp::Read {
-            conversation_id,
-            reader,
-            seq,
-        } => log::set_read(&txn, *conversation_id, *reader, *seq).await,
-        // `Writers::write` queues every message on the writer thread.
-        WriteOp::Message(_) => Err(WriteError::Unavailable),
-    };
+    let result = apply_state(&txn, op).await;
     // A refusal leaves nothing to keep; dropping the transaction rolls it back.
     if result.is_ok() {
         TransactionSession::commit(txn).await?;
     }
     result
+}
+
+/// A state change or read position inside `txn` (messages are appended in batches, never here).
+async fn apply_state(
+    txn: &impl sea_orm::ConnectionTrait,
+    op: &WriteOp,
+) -> Result<Written, WriteError> {
+    match op {
+        WriteOp::Change(c) => log::apply(txn, c).await,
+        WriteOp::Read {
+            conversation_id,
+            reader,
+            seq,
+        } => log::set_read(txn, *conversation_id, *reader, *seq).await,
+        WriteOp::Message(_) => Err(WriteError::Unavailable),
+    }
 }
 
 /// The SQLite writer thread: batches of messages, each in one transaction on its own
@@ -488,15 +495,10 @@ async fn try_batch(
         }
     }
     for (i, job) in batch.iter().enumerate() {
-        let result = match &job.op {
-            WriteOp::Message(_) => continue,
-            WriteOp::Change(c) => log::apply(&txn, c).await,
-            WriteOp::Read {
-                conversation_id,
-                reader,
-                seq,
-            } => log::set_read(&txn, *conversation_id, *reader, *seq).await,
-        };
+        if matches!(job.op, WriteOp::Message(_)) {
+            continue;
+        }
+        let result = apply_state(&txn, &job.op).await;
         if let Err(WriteError::Storage(e)) = result {
             return Err(e);
         }
