@@ -32,6 +32,8 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// HTTP worker threads; unset uses one per core.
     pub workers: Option<usize>,
+    /// Threads the actors (conversations, hubs, queues) run on; unset uses one per core.
+    pub actor_threads: Option<usize>,
     /// Largest accepted HTTP request body, in bytes.
     pub max_body_bytes: usize,
     /// Lifetime of an agent token, in seconds.
@@ -359,6 +361,7 @@ impl Default for Settings {
             jwt_secret: None,
             log_format: LogFormat::Pretty,
             workers: None,
+            actor_threads: None,
             max_body_bytes: 64 * 1024,
             token_ttl_secs: 12 * 3600,
             tenant_pools: TenantPoolSettings {
@@ -450,6 +453,9 @@ impl Settings {
         }
         if self.workers == Some(0) {
             return bad("KEFU_WORKERS", "must be at least 1");
+        }
+        if self.actor_threads == Some(0) {
+            return bad("KEFU_ACTOR_THREADS", "must be at least 1");
         }
         if self.max_body_bytes < 1024 {
             return bad("KEFU_MAX_BODY_BYTES", "must be at least 1024");

@@ -57,7 +57,7 @@ impl Application {
                 secrets.platform_key
             );
         }
-        let threads = settings.workers.unwrap_or_else(|| {
+        let threads = settings.actor_threads.unwrap_or_else(|| {
             std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get)
         });
         let cluster = match &settings.nats_url {

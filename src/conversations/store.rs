@@ -3,9 +3,10 @@
 
 use chrono::Utc;
 use entity::tenant::{conversation, message, visitor};
+use sea_orm::sea_query::{Expr, IntoCondition};
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter, QueryOrder,
-    QuerySelect, Set, SqlErr,
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, DbErr, EntityTrait, JoinType, QueryFilter,
+    QueryOrder, QuerySelect, RelationDef, Set, SqlErr,
 };
 
 use super::ConversationStatus;
@@ -41,6 +42,31 @@ pub async fn open_conversation_of(
     conversation::Entity::find()
         .filter(conversation::Column::VisitorId.eq(visitor_id))
         .filter(conversation::Column::Status.ne(ConversationStatus::Closed.as_str()))
+        .one(db)
+        .await
+}
+
+/// The visitor, if it still exists, with its conversation that is not closed: in one query,
+/// because a visitor's socket needs both before it opens and each query is a round trip to
+/// the database's own thread.
+pub async fn visitor_with_open_conversation(
+    db: &impl ConnectionTrait,
+    visitor_id: i64,
+) -> Result<Option<(visitor::Model, Option<conversation::Model>)>, DbErr> {
+    // No relation is declared between the two entities; this one exists for this join only.
+    let open: RelationDef = conversation::Entity::belongs_to(visitor::Entity)
+        .from(conversation::Column::VisitorId)
+        .to(visitor::Column::Id)
+        .into();
+    use sea_orm::sea_query::ExprTrait as _;
+    let open = open.rev().on_condition(|_visitor, conv| {
+        Expr::col((conv, conversation::Column::Status))
+            .ne(ConversationStatus::Closed.as_str())
+            .into_condition()
+    });
+    visitor::Entity::find_by_id(visitor_id)
+        .select_also(conversation::Entity)
+        .join(JoinType::LeftJoin, open)
         .one(db)
         .await
 }

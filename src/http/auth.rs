@@ -155,6 +155,17 @@ impl AuthVisitor {
     }
 }
 
+/// The tenant and visitor id of a visitor token, checked by signature only: whoever calls this
+/// must still find the visitor in storage. The WebSocket upgrade does, in the query that also
+/// reads the visitor's open conversation.
+pub async fn visitor_claim(
+    state: &AppState,
+    req: &HttpRequest,
+    token: Option<String>,
+) -> Result<(Tenant, i64), ApiError> {
+    verified(state, req, token, TokenKind::Visitor).await
+}
+
 impl FromRequest for AuthVisitor {
     type Error = ApiError;
     type Future = LocalBoxFuture<'static, Result<Self, ApiError>>;

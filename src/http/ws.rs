@@ -4,20 +4,20 @@
 //! a heartbeat and the server's shutdown. It never waits on a write to storage: sends go to the
 //! conversation actor, whose ack comes back through the outbound queue.
 
-use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::{HttpMessage, HttpRequest, HttpResponse, web};
 use actix_ws::{AggregatedMessage, CloseCode, CloseReason, ProtocolError};
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use entity::tenant::conversation;
+use governor::DefaultDirectRateLimiter;
 use sea_orm::DatabaseConnection;
 use serde::Deserialize;
 use serde_json::Value;
 use tokio::time::Instant;
 
 use super::ApiError;
-use super::auth::{AuthAgent, AuthVisitor, bearer};
+use super::auth::{AuthAgent, bearer, visitor_claim};
 use crate::accounts::Role;
 use crate::actors::Realtime;
 use crate::actors::conn::{Alarm, Attach, ConnHandle, Detach, Kill};
@@ -93,14 +93,17 @@ pub async fn agent_ws(
         id: agent.id,
         role: agent.role,
     };
-    upgrade(
-        &req,
-        body,
-        &state,
-        agent.tenant.record,
-        agent.tenant.db,
-        who,
-    )
+    let (response, session, stream) = handshake(&req, body)?;
+    let db = agent.tenant.db;
+    let opening = Opening::attach(&req, &state, agent.tenant.record, db.clone(), who).await;
+    let conversations = store::active_for_agent(&db, agent.id)
+        .await
+        .unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "could not list open conversations for hello");
+            Vec::new()
+        });
+    opening.start(session, stream, &conversations);
+    Ok(response)
 }
 
 /// `GET /ws/visitor?token=…`
@@ -110,46 +113,95 @@ pub async fn visitor_ws(
     state: web::Data<AppState>,
     super::Query(q): super::Query<TokenQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let visitor = AuthVisitor::from_token(&state, &req, bearer(&req).or(q.token)).await?;
-    let who = Who::Visitor { id: visitor.id };
-    upgrade(
-        &req,
-        body,
-        &state,
-        visitor.tenant.record,
-        visitor.tenant.db,
-        who,
-    )
+    let (tenant, id) = visitor_claim(&state, &req, bearer(&req).or(q.token)).await?;
+    let (response, session, stream) = handshake(&req, body)?;
+    let db = tenant.db;
+    let opening =
+        Opening::attach(&req, &state, tenant.record, db.clone(), Who::Visitor { id }).await;
+    // Whether the visitor still exists and its open conversation, in one query (each query
+    // is a round trip to the database's thread, the largest cost of opening a connection).
+    // Refused, `opening` detaches the connection as it is dropped.
+    let (_, open) = store::visitor_with_open_conversation(&db, id)
+        .await
+        .map_err(|e| ApiError::Tenancy(e.into()))?
+        .ok_or(ApiError::InvalidToken)?;
+    let conversations: Vec<_> = open.into_iter().collect();
+    opening.start(session, stream, &conversations);
+    Ok(response)
 }
 
-fn upgrade(
+/// Checks that the request is a WebSocket upgrade and prepares the 101 answer.
+fn handshake(
     req: &HttpRequest,
     body: web::Payload,
-    state: &AppState,
-    tenant: Arc<TenantRecord>,
-    db: DatabaseConnection,
-    who: Who,
-) -> Result<HttpResponse, ApiError> {
-    let (response, session, stream) = actix_ws::handle(req, body)
-        .map_err(|e| ApiError::BadRequest(format!("WebSocket upgrade refused: {e}")))?;
-    let rt = state.realtime.clone();
-    let limits = state.limits.clone();
-    let span = tracing::Span::current();
-    // The upgrade request's trace: frames without a `traceparent` of their own continue it.
-    let trace = req
-        .extensions()
-        .get::<TraceContext>()
-        .cloned()
-        .unwrap_or_else(TraceContext::root);
-    actix_web::rt::spawn(tracing::Instrument::instrument(
-        async move {
-            let (mut conn, out, alarm) = Connection::new(rt, limits, tenant, db, who);
-            conn.trace = trace;
-            conn.run(session, stream, out, alarm).await;
-        },
-        span,
-    ));
-    Ok(response)
+) -> Result<(HttpResponse, actix_ws::Session, actix_ws::MessageStream), ApiError> {
+    actix_ws::handle(req, body)
+        .map_err(|e| ApiError::BadRequest(format!("WebSocket upgrade refused: {e}")))
+}
+
+/// A connection attached to its hub whose `hello` is not yet read. The order matters:
+/// attached (and, in cluster mode, subscribed) before the snapshot `hello` gives is read, so
+/// whatever is stored after the snapshot is queued on this connection, behind `hello`.
+///
+/// Dropped before it starts (the upgrade refused, or the client gone while the handler
+/// waited), it detaches the connection again: a hub must not count a socket that never opened.
+struct Opening {
+    /// `None` once started: the running connection owns these and detaches itself.
+    parts: Option<(Connection, Outbound, Arc<Alarm>)>,
+}
+
+impl Opening {
+    async fn attach(
+        req: &HttpRequest,
+        state: &AppState,
+        tenant: Arc<TenantRecord>,
+        db: DatabaseConnection,
+        who: Who,
+    ) -> Self {
+        // The upgrade request's trace: frames without a `traceparent` of their own continue it.
+        let trace = req
+            .extensions()
+            .get::<TraceContext>()
+            .cloned()
+            .unwrap_or_else(TraceContext::root);
+        let (conn, out, alarm) = Connection::new(
+            state.realtime.clone(),
+            state.limits.clone(),
+            tenant,
+            db,
+            who,
+            trace,
+        );
+        conn.attach().await;
+        Self {
+            parts: Some((conn, out, alarm)),
+        }
+    }
+
+    /// Sends `hello` with `conversations` and runs the connection in a task of its own.
+    fn start(
+        mut self,
+        session: actix_ws::Session,
+        stream: actix_ws::MessageStream,
+        conversations: &[conversation::Model],
+    ) {
+        let Some((conn, out, alarm)) = self.parts.take() else {
+            return;
+        };
+        let hello = conn.hello(conversations);
+        actix_web::rt::spawn(tracing::Instrument::instrument(
+            conn.run(session, stream, out, alarm, hello),
+            tracing::Span::current(),
+        ));
+    }
+}
+
+impl Drop for Opening {
+    fn drop(&mut self) {
+        if let Some((conn, _, _)) = self.parts.take() {
+            conn.detach();
+        }
+    }
 }
 
 type Outbound = tokio::sync::mpsc::Receiver<bytestring::ByteString>;
@@ -177,13 +229,11 @@ impl Connection {
         tenant: Arc<TenantRecord>,
         db: DatabaseConnection,
         who: Who,
+        trace: TraceContext,
     ) -> (Self, Outbound, Arc<Alarm>) {
         let s = rt.settings();
         let (conn, out, alarm) = ConnHandle::new(rt.next_conn_id(), s.outbound_buffer);
-        // Settings are validated non-zero at start-up.
-        let per_sec = NonZeroU32::new(s.frames_per_sec).unwrap_or(NonZeroU32::MIN);
-        let burst = NonZeroU32::new(s.frame_burst).unwrap_or(NonZeroU32::MIN);
-        let limiter = RateLimiter::direct(Quota::per_second(per_sec).allow_burst(burst));
+        let limiter = limits.connection_frames(s.frames_per_sec, s.frame_burst);
         (
             Self {
                 rt,
@@ -194,7 +244,7 @@ impl Connection {
                 limiter,
                 limits,
                 refused: 0,
-                trace: TraceContext::root(),
+                trace,
             },
             out,
             alarm,
@@ -209,6 +259,7 @@ impl Connection {
         stream: actix_ws::MessageStream,
         mut out: Outbound,
         alarm: Arc<Alarm>,
+        hello: bytestring::ByteString,
     ) {
         let s = self.rt.settings();
         let (heartbeat, idle_timeout, flood_limit) = (
@@ -220,13 +271,6 @@ impl Connection {
             .max_frame_size(s.max_frame_bytes)
             .aggregate_continuations()
             .max_continuation_size(s.max_frame_bytes);
-        // The opening steps (database queries, the hub's answer) run in futures of their own,
-        // freed once done: inline, their state would be part of this task's future and stay
-        // allocated, several kilobytes, for as long as the connection is open.
-        // Attached (and, in cluster mode, subscribed) before `hello` is read: whatever is
-        // stored after the snapshot `hello` gives is queued on this connection, behind it.
-        Box::pin(self.attach()).await;
-        let hello = Box::pin(self.hello()).await;
         if session.text(hello).await.is_err() {
             self.detach();
             return;
@@ -296,22 +340,12 @@ impl Connection {
     }
 
     /// The first frame: who this is and the open conversations with their `last_seq`.
-    async fn hello(&self) -> bytestring::ByteString {
-        let (role, id, convs) = match self.who {
-            Who::Agent { id, .. } => ("agent", id, store::active_for_agent(&self.db, id).await),
-            Who::Visitor { id } => (
-                "visitor",
-                id,
-                store::open_conversation_of(&self.db, id)
-                    .await
-                    .map(|c| c.into_iter().collect()),
-            ),
+    fn hello(&self, conversations: &[conversation::Model]) -> bytestring::ByteString {
+        let (role, id) = match self.who {
+            Who::Agent { id, .. } => ("agent", id),
+            Who::Visitor { id } => ("visitor", id),
         };
-        let conversations: Vec<ConversationSummary> = convs
-            .unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "could not list open conversations for hello");
-                Vec::new()
-            })
+        let conversations: Vec<ConversationSummary> = conversations
             .iter()
             .map(ConversationSummary::from)
             .collect();

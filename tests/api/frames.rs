@@ -251,6 +251,24 @@ async fn tokens_are_checked_before_the_upgrade(backend: Backend) {
             .err(),
         Some(StatusCode::NOT_FOUND)
     );
+    // Well signed, for a visitor that does not exist: the socket is attached before the
+    // lookup that refuses it, and must not stay counted as the visitor's.
+    let ghost = 999_999;
+    let token = app.state.tokens.issue_visitor(a.id, ghost);
+    assert_eq!(
+        Ws::connect(&app, &a.domain, "/ws/visitor", &token)
+            .await
+            .err(),
+        Some(StatusCode::UNAUTHORIZED)
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while app.state.realtime.visitor_present(a.id, ghost) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the refused socket is still counted"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// Tenant B's agent cannot touch tenant A's conversation, though the ids are the same numbers.
