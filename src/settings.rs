@@ -32,7 +32,7 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// HTTP worker threads; unset uses one per core.
     pub workers: Option<usize>,
-    /// Threads the actors (conversations, hubs, queues) run on; unset uses one per core.
+    /// Threads the actors (conversations, hubs, queues) run on; unset uses half the cores.
     pub actor_threads: Option<usize>,
     /// Largest accepted HTTP request body, in bytes.
     pub max_body_bytes: usize,

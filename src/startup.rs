@@ -57,8 +57,13 @@ impl Application {
                 secrets.platform_key
             );
         }
+        // Half the cores by default: a message crosses from its socket's worker to its
+        // conversation's actor, to the writer and on to two hubs, and every crossing to a
+        // sleeping thread is a wake-up. On two cores one actor thread beside two HTTP workers
+        // cost 10 % less CPU per message than two, with the same ramp ceiling
+        // (docs/benchmarks.md).
         let threads = settings.actor_threads.unwrap_or_else(|| {
-            std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get)
+            std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
         });
         let cluster = match &settings.nats_url {
             None => None,
