@@ -172,10 +172,15 @@ impl Opening {
             who,
             trace,
         );
-        conn.attach().await;
-        Self {
+        // Owned by the opening before the hub is asked, so that a handler dropped while it
+        // waits for the hub detaches too.
+        let opening = Self {
             parts: Some((conn, out, alarm)),
+        };
+        if let Some((conn, _, _)) = &opening.parts {
+            conn.attach().await;
         }
+        opening
     }
 
     /// Sends `hello` with `conversations` and runs the connection in a task of its own.
