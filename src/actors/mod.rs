@@ -198,7 +198,7 @@ impl Realtime {
                 node_id,
                 settings,
                 tenants,
-                writers: Writers::default(),
+                writers: Writers::new(cluster.is_some()),
                 conversations: DashMap::new(),
                 agents: DashMap::new(),
                 visitors: DashMap::new(),

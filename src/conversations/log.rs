@@ -245,7 +245,7 @@ pub async fn append_many(
 }
 
 impl Change {
-    fn conversation_id(&self) -> i64 {
+    pub fn conversation_id(&self) -> i64 {
         match self {
             Change::Assign {
                 conversation_id, ..

@@ -65,17 +65,34 @@ pub enum WriteOp {
     },
 }
 
+impl WriteOp {
+    /// The conversation whose row this operation locks and writes.
+    fn conversation_id(&self) -> i64 {
+        match self {
+            WriteOp::Message(m) => m.conversation_id,
+            WriteOp::Change(c) => c.conversation_id(),
+            WriteOp::Read {
+                conversation_id, ..
+            } => *conversation_id,
+        }
+    }
+}
+
 struct Job {
     op: WriteOp,
     reply: oneshot::Sender<Result<Written, WriteError>>,
 }
 
 /// The writers of this process, one per tenant that wrote recently.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Writers {
     inner: Arc<DashMap<i64, Writer>>,
     /// Distinguishes a writer from its successor when an idle one removes itself.
     next_id: Arc<AtomicU64>,
+    /// Other nodes write the same databases (cluster mode): batches then lock their
+    /// conversations in one order first (see [`lock_in_order`]). Alone, a tenant's batches run
+    /// one after another and that extra round trip would buy nothing.
+    shared: bool,
 }
 
 #[derive(Clone)]
@@ -89,6 +106,15 @@ struct Writer {
 }
 
 impl Writers {
+    /// `shared`: other nodes write the same databases.
+    pub fn new(shared: bool) -> Self {
+        Self {
+            inner: Arc::default(),
+            next_id: Arc::default(),
+            shared,
+        }
+    }
+
     /// Writes `op` for `tenant_id` into `db` and returns once it is committed.
     pub async fn write(
         &self,
@@ -157,8 +183,9 @@ impl Writers {
                     }
                     None => {
                         let db = db.clone();
+                        let shared = self.shared;
                         tokio::spawn(async move {
-                            run(tenant_id, id, db, rx, map).await;
+                            run(tenant_id, id, db, rx, map, shared).await;
                             drop(done_tx);
                         });
                     }
@@ -415,6 +442,7 @@ async fn run(
     db: DatabaseConnection,
     rx: flume::Receiver<Job>,
     map: Arc<DashMap<i64, Writer>>,
+    shared: bool,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     loop {
@@ -428,14 +456,14 @@ async fn run(
                 {
                     batch.push(job);
                     batch.extend(rx.try_iter().take(MAX_BATCH - 1));
-                    write_batch(&db, &mut batch).await;
+                    write_batch(&db, &mut batch, shared).await;
                 }
                 break;
             }
         };
         batch.push(first);
         batch.extend(rx.try_iter().take(MAX_BATCH - 1));
-        write_batch(&db, &mut batch).await;
+        write_batch(&db, &mut batch, shared).await;
     }
     tracing::debug!(tenant_id, "conversation writer ended");
 }
@@ -444,12 +472,12 @@ async fn run(
 /// conversation: each conversation actor has one write in flight) are appended together;
 /// changes and read positions follow one by one. Any storage error fails the whole batch and
 /// nothing of it is acknowledged: the transaction rolls back, so no `seq` is left behind.
-async fn write_batch(db: &DatabaseConnection, batch: &mut Vec<Job>) {
+async fn write_batch(db: &DatabaseConnection, batch: &mut Vec<Job>, shared: bool) {
     // Another node may insert the same `client_msg_id` between this batch's re-send lookup
     // and its insert (cluster mode, PostgreSQL). The unique index refuses it and the batch
     // rolls back; run it again once, and the lookup then finds that copy and answers it as
     // a duplicate.
-    let mut results = try_batch(db, batch).await;
+    let mut results = try_batch(db, batch, shared).await;
     if let Err(e) = &results
         && matches!(
             e.sql_err(),
@@ -457,7 +485,7 @@ async fn write_batch(db: &DatabaseConnection, batch: &mut Vec<Job>) {
         )
     {
         tracing::debug!("batch raced another writer on a client_msg_id; running it again");
-        results = try_batch(db, batch).await;
+        results = try_batch(db, batch, shared).await;
     }
     answer(batch, results);
 }
@@ -466,8 +494,12 @@ async fn write_batch(db: &DatabaseConnection, batch: &mut Vec<Job>) {
 async fn try_batch(
     db: &DatabaseConnection,
     batch: &[Job],
+    shared: bool,
 ) -> Result<Vec<Result<Written, WriteError>>, sea_orm::DbErr> {
     let txn = crate::storage::begin_write(db).await?;
+    if shared {
+        lock_in_order(&txn, batch).await?;
+    }
     let mut results: Vec<Option<Result<Written, WriteError>>> =
         batch.iter().map(|_| None).collect();
     let messages: Vec<(usize, &NewMessage)> = batch
@@ -509,6 +541,33 @@ async fn try_batch(
         .into_iter()
         .map(|r| r.unwrap_or(Err(WriteError::Unavailable)))
         .collect())
+}
+
+/// Locks the rows of every conversation the batch writes, in id order, before any statement
+/// writes one. In cluster mode two nodes' batches often share conversations (a visitor on one
+/// node, its agent on the other); locks taken statement by statement follow each statement's
+/// plan (a bitmap scan locks in the table's physical order, an index scan in id order, and the
+/// state changes one row at a time), so two batches could take the same two rows in opposite
+/// orders and deadlock. In one order, a batch waits for the other and never the other way round.
+async fn lock_in_order(
+    txn: &impl sea_orm::ConnectionTrait,
+    batch: &[Job],
+) -> Result<(), sea_orm::DbErr> {
+    use entity::tenant::conversation::{Column, Entity};
+    use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
+    let mut ids: Vec<i64> = batch.iter().map(|job| job.op.conversation_id()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    Entity::find()
+        .select_only()
+        .column(Column::Id)
+        .filter(Column::Id.is_in(ids))
+        .order_by_asc(Column::Id)
+        .lock_exclusive()
+        .into_tuple::<i64>()
+        .all(txn)
+        .await?;
+    Ok(())
 }
 
 #[cfg(test)]
