@@ -949,3 +949,81 @@ async fn suspending_a_tenant_on_one_node_closes_its_sockets_on_the_others() {
     assert_eq!(visitor.closed_with().await, 4003);
     assert_eq!(agent.closed_with().await, 4003);
 }
+
+/// In cluster mode a writer batch locks its conversations in id order before writing any, so
+/// two nodes' batches sharing conversations cannot deadlock. One batch holds a message to B and
+/// the close of A (A < B) while another transaction holds A: the batch waits for A without
+/// having touched B. Taking locks as the statements go (messages first, then changes) would
+/// have locked B and then waited for A, the order another node's batch may take the other way.
+#[actix_web::test]
+async fn cluster_writer_batches_lock_conversations_in_id_order() {
+    use kefu::conversations::Participant;
+    use kefu::conversations::log::{Change, Closer, NewMessage};
+    use kefu::storage::writer::{WriteOp, Writers};
+    use sea_orm::sqlx::{self, Connection, Executor};
+
+    let app = crate::helpers::spawn_app(crate::helpers::Backend::Postgres).await;
+    let t = app.create_tenant("lockorder").await;
+    let (va, vb) = (new_visitor(&app, &t).await, new_visitor(&app, &t).await);
+    let a = open_conversation(&app, &t, &va, None).await["conversation_id"]
+        .as_i64()
+        .unwrap();
+    let b = open_conversation(&app, &t, &vb, None).await["conversation_id"]
+        .as_i64()
+        .unwrap();
+    assert!(a < b);
+    let storage = app.state.tenants.storage();
+    let db_name = storage.tenant_db_name(&t.slug);
+    let db = storage.tenant(&db_name).await.unwrap();
+    let writers = Writers::new(true);
+    // The writer exists and waits for work before the batch is queued.
+    let warm_up = WriteOp::Read {
+        conversation_id: b,
+        reader: Participant::Visitor(vb.id),
+        seq: 0,
+    };
+    writers.write(t.id, &db, warm_up).await.unwrap();
+
+    let url = format!("{}/{db_name}", postgres_server());
+    let mut holder = sqlx::PgConnection::connect(&url).await.unwrap();
+    holder.execute("BEGIN").await.unwrap();
+    holder
+        .execute(sqlx::AssertSqlSafe(format!(
+            "SELECT id FROM conversations WHERE id = {a} FOR UPDATE"
+        )))
+        .await
+        .unwrap();
+    // Both are queued before the writer runs again (one runtime thread): one batch.
+    let batch = {
+        let (writers, db, tenant) = (writers.clone(), db.clone(), t.id);
+        let to_b = WriteOp::Message(NewMessage {
+            conversation_id: b,
+            client_msg_id: "b-1".to_owned(),
+            sender: Participant::Visitor(vb.id),
+            content: r#"{"type":"text","text":"hi"}"#.to_owned(),
+        });
+        let close_a = WriteOp::Change(Change::Close {
+            conversation_id: a,
+            by: Closer::Visitor(va.id),
+        });
+        actix_web::rt::spawn(async move {
+            futures_util::join!(
+                writers.write(tenant, &db, close_a),
+                writers.write(tenant, &db, to_b)
+            )
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut probe = sqlx::PgConnection::connect(&url).await.unwrap();
+    probe.execute("BEGIN").await.unwrap();
+    let b_free = probe
+        .execute(sqlx::AssertSqlSafe(format!(
+            "SELECT id FROM conversations WHERE id = {b} FOR UPDATE NOWAIT"
+        )))
+        .await;
+    probe.execute("ROLLBACK").await.unwrap();
+    holder.execute("ROLLBACK").await.unwrap();
+    let (closed, sent) = batch.await.unwrap();
+    assert!(b_free.is_ok(), "the batch locked B before A: {b_free:?}");
+    assert!(closed.is_ok() && sent.is_ok(), "{closed:?} {sent:?}");
+}
