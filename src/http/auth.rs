@@ -155,15 +155,16 @@ impl AuthVisitor {
     }
 }
 
-/// The tenant and visitor id of a visitor token, checked by signature only: whoever calls this
-/// must still find the visitor in storage. The WebSocket upgrade does, in the query that also
-/// reads the visitor's open conversation.
-pub async fn visitor_claim(
+/// The tenant and subject id of a token of `kind`, checked by signature only: whoever calls
+/// this must still find the agent or visitor in storage. The WebSocket upgrades do, in the
+/// query that also reads the `hello` snapshot.
+pub async fn claim(
     state: &AppState,
     req: &HttpRequest,
     token: Option<String>,
+    kind: TokenKind,
 ) -> Result<(Tenant, i64), ApiError> {
-    verified(state, req, token, TokenKind::Visitor).await
+    verified(state, req, token, kind).await
 }
 
 impl FromRequest for AuthVisitor {

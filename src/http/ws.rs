@@ -17,8 +17,8 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use super::ApiError;
-use super::auth::{AuthAgent, bearer, visitor_claim};
-use crate::accounts::Role;
+use super::auth::{bearer, claim};
+use crate::accounts::{Role, TokenKind, agents};
 use crate::actors::Realtime;
 use crate::actors::conn::{Alarm, Attach, ConnHandle, Detach, Kill};
 use crate::actors::conversation::{Origin, Submit, Typing};
@@ -88,20 +88,26 @@ pub async fn agent_ws(
     state: web::Data<AppState>,
     super::Query(q): super::Query<TokenQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let agent = AuthAgent::from_token(&state, &req, bearer(&req).or(q.token)).await?;
-    let who = Who::Agent {
-        id: agent.id,
-        role: agent.role,
-    };
+    let token = bearer(&req).or(q.token);
+    let (tenant, id) = claim(&state, &req, token, TokenKind::Agent).await?;
     let (response, session, stream) = handshake(&req, body)?;
-    let db = agent.tenant.db;
-    let opening = Opening::attach(&req, &state, agent.tenant.record, db.clone(), who).await;
-    let conversations = store::active_for_agent(&db, agent.id)
+    let db = tenant.db;
+    // The least role until the stored one is read below; no frame is handled before `start`.
+    let who = Who::Agent {
+        id,
+        role: Role::Agent,
+    };
+    let mut opening = Opening::attach(&req, &state, tenant.record, db.clone(), who).await;
+    // Whether the agent still exists, its role (read from storage on every connection, so a
+    // demotion takes effect at once) and its active conversations, in one query.
+    let (agent, conversations) = store::agent_with_active_conversations(&db, id)
         .await
-        .unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "could not list open conversations for hello");
-            Vec::new()
-        });
+        .map_err(|e| ApiError::Tenancy(e.into()))?
+        .ok_or(ApiError::InvalidToken)?;
+    opening.confirm(Who::Agent {
+        id,
+        role: agents::stored_role(&agent),
+    });
     opening.start(session, stream, &conversations);
     Ok(response)
 }
@@ -113,7 +119,8 @@ pub async fn visitor_ws(
     state: web::Data<AppState>,
     super::Query(q): super::Query<TokenQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let (tenant, id) = visitor_claim(&state, &req, bearer(&req).or(q.token)).await?;
+    let token = bearer(&req).or(q.token);
+    let (tenant, id) = claim(&state, &req, token, TokenKind::Visitor).await?;
     let (response, session, stream) = handshake(&req, body)?;
     let db = tenant.db;
     let opening =
@@ -181,6 +188,13 @@ impl Opening {
             conn.attach().await;
         }
         opening
+    }
+
+    /// Who it is, as storage has it now (an agent's role is read after attaching).
+    fn confirm(&mut self, who: Who) {
+        if let Some((conn, _, _)) = &mut self.parts {
+            conn.who = who;
+        }
     }
 
     /// Sends `hello` with `conversations` and runs the connection in a task of its own.

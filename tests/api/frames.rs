@@ -429,7 +429,37 @@ async fn shutdown_closes_sockets_with_1001(backend: Backend) {
     assert_eq!(ws.closed_with().await, 1001);
 }
 
+/// A socket's role is the stored one: a supervisor's socket may read another agent's
+/// conversation, a plain agent's may not.
+async fn socket_roles_are_the_stored_ones(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let t = app.create_tenant("sockrole").await;
+    let (_, _, mut holder) = agent_online(&app, &t, "a@example.com", 1).await;
+    let v = new_visitor(&app, &t).await;
+    let conv = open_conversation(&app, &t, &v, None).await["conversation_id"]
+        .as_i64()
+        .unwrap();
+    holder.recv_type("assigned").await;
+    let sync = json!({"type": "sync", "ref": "s", "conversation_id": conv, "after_seq": 0});
+    let (_, other) = app.create_agent(&t, "b@example.com", "agent").await;
+    let mut other = Ws::connect(&app, &t.domain, "/ws/agent", &other)
+        .await
+        .unwrap();
+    other.send(sync.clone()).await;
+    assert_eq!(
+        other.recv_type("error").await["code"],
+        "conversation_not_found"
+    );
+    let (_, sup) = app.create_agent(&t, "s@example.com", "supervisor").await;
+    let mut sup = Ws::connect(&app, &t.domain, "/ws/agent", &sup)
+        .await
+        .unwrap();
+    sup.send(sync).await;
+    assert_eq!(sup.recv_type("synced").await["conversation_id"], conv);
+}
+
 on_both!(
+    socket_roles_are_the_stored_ones,
     bad_frames_get_error_frames_and_store_nothing,
     closed_conversations_take_nothing,
     oversized_frames_close_with_1009,
