@@ -46,6 +46,25 @@ pub async fn open_conversation_of(
         .await
 }
 
+/// A join from `owner` (a visitor or an agent) to its conversations whose status passes
+/// `status`, the condition inside the join so that an owner without any still comes back. No
+/// relation is declared between these entities; this one exists for the sockets' opening
+/// queries only.
+fn conversations_joined<E: EntityTrait>(
+    owner: E,
+    key: conversation::Column,
+    owner_id: E::Column,
+    status: fn(Expr) -> Expr,
+) -> RelationDef {
+    let def: RelationDef = conversation::Entity::belongs_to(owner)
+        .from(key)
+        .to(owner_id)
+        .into();
+    def.rev().on_condition(move |_owner, conv| {
+        status(Expr::col((conv, conversation::Column::Status))).into_condition()
+    })
+}
+
 /// The visitor, if it still exists, with its conversation that is not closed: in one query,
 /// because a visitor's socket needs both before it opens and each query is a round trip to
 /// the database's own thread.
@@ -53,17 +72,12 @@ pub async fn visitor_with_open_conversation(
     db: &impl ConnectionTrait,
     visitor_id: i64,
 ) -> Result<Option<(visitor::Model, Option<conversation::Model>)>, DbErr> {
-    // No relation is declared between the two entities; this one exists for this join only.
-    let open: RelationDef = conversation::Entity::belongs_to(visitor::Entity)
-        .from(conversation::Column::VisitorId)
-        .to(visitor::Column::Id)
-        .into();
-    use sea_orm::sea_query::ExprTrait as _;
-    let open = open.rev().on_condition(|_visitor, conv| {
-        Expr::col((conv, conversation::Column::Status))
-            .ne(ConversationStatus::Closed.as_str())
-            .into_condition()
-    });
+    let open = conversations_joined(
+        visitor::Entity,
+        conversation::Column::VisitorId,
+        visitor::Column::Id,
+        |status| sea_orm::sea_query::ExprTrait::ne(status, ConversationStatus::Closed.as_str()),
+    );
     visitor::Entity::find_by_id(visitor_id)
         .select_also(conversation::Entity)
         .join(JoinType::LeftJoin, open)
@@ -77,17 +91,12 @@ pub async fn agent_with_active_conversations(
     db: &impl ConnectionTrait,
     agent_id: i64,
 ) -> Result<Option<(agent::Model, Vec<conversation::Model>)>, DbErr> {
-    // No relation is declared between the two entities; this one exists for this join only.
-    let held: RelationDef = conversation::Entity::belongs_to(agent::Entity)
-        .from(conversation::Column::AgentId)
-        .to(agent::Column::Id)
-        .into();
-    use sea_orm::sea_query::ExprTrait as _;
-    let held = held.rev().on_condition(|_agent, conv| {
-        Expr::col((conv, conversation::Column::Status))
-            .eq(ConversationStatus::Active.as_str())
-            .into_condition()
-    });
+    let held = conversations_joined(
+        agent::Entity,
+        conversation::Column::AgentId,
+        agent::Column::Id,
+        |status| sea_orm::sea_query::ExprTrait::eq(status, ConversationStatus::Active.as_str()),
+    );
     let mut rows = agent::Entity::find_by_id(agent_id)
         .select_also(conversation::Entity)
         .join(JoinType::LeftJoin, held)

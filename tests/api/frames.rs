@@ -9,7 +9,10 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::helpers::{Api, Backend, spawn_app, spawn_app_with};
 use crate::on_both;
-use crate::ws::{Ws, agent_online, assert_gap_free, history, new_visitor, open_conversation};
+use crate::ws::{
+    Ws, agent_online, assert_gap_free, assigned_conversation, history, new_visitor,
+    open_conversation,
+};
 
 async fn bad_frames_get_error_frames_and_store_nothing(backend: Backend) {
     let app = spawn_app_with(backend, |s| s.realtime.max_text_chars = 100).await;
@@ -434,12 +437,7 @@ async fn shutdown_closes_sockets_with_1001(backend: Backend) {
 async fn socket_roles_are_the_stored_ones(backend: Backend) {
     let app = spawn_app(backend).await;
     let t = app.create_tenant("sockrole").await;
-    let (_, _, mut holder) = agent_online(&app, &t, "a@example.com", 1).await;
-    let v = new_visitor(&app, &t).await;
-    let conv = open_conversation(&app, &t, &v, None).await["conversation_id"]
-        .as_i64()
-        .unwrap();
-    holder.recv_type("assigned").await;
+    let (_holder, _, conv) = assigned_conversation(&app, &t, "a@example.com").await;
     let sync = json!({"type": "sync", "ref": "s", "conversation_id": conv, "after_seq": 0});
     let (_, other) = app.create_agent(&t, "b@example.com", "agent").await;
     let mut other = Ws::connect(&app, &t.domain, "/ws/agent", &other)

@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 
 use crate::helpers::{Api, Backend, TestApp, TestTenant, spawn_app};
 use crate::on_both;
-use crate::ws::{Visitor, Ws, agent_online, new_visitor, open_conversation};
+use crate::ws::{Visitor, Ws, assigned_conversation, new_visitor, open_conversation};
 
 async fn poll(
     app: &TestApp,
@@ -43,12 +43,7 @@ fn texts(events: &Value) -> Vec<String> {
 async fn long_poll_and_websocket_side_by_side(backend: Backend) {
     let app = spawn_app(backend).await;
     let t = app.create_tenant("lp").await;
-    let (_, _, mut agent) = agent_online(&app, &t, "a@example.com", 1).await;
-    let v = new_visitor(&app, &t).await;
-    let conv = open_conversation(&app, &t, &v, None).await["conversation_id"]
-        .as_i64()
-        .unwrap();
-    agent.recv_type("assigned").await;
+    let (mut agent, v, conv) = assigned_conversation(&app, &t, "a@example.com").await;
     let mut ws_tab = Ws::connect(&app, &t.domain, "/ws/visitor", &v.token)
         .await
         .unwrap();

@@ -187,6 +187,22 @@ pub async fn open_conversation(
     res.json().await.unwrap()
 }
 
+/// A conversation assigned to a new agent online with room for one: the agent's socket (its
+/// `assigned` frame read), the visitor and the conversation id.
+pub async fn assigned_conversation(
+    app: &impl Api,
+    t: &TestTenant,
+    agent_email: &str,
+) -> (Ws, Visitor, i64) {
+    let (_, _, mut agent) = agent_online(app, t, agent_email, 1).await;
+    let v = new_visitor(app, t).await;
+    let conv = open_conversation(app, t, &v, None).await["conversation_id"]
+        .as_i64()
+        .unwrap();
+    agent.recv_type("assigned").await;
+    (agent, v, conv)
+}
+
 /// An agent connected over WebSocket.
 pub async fn agent_online(
     app: &impl Api,
