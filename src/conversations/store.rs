@@ -3,10 +3,10 @@
 
 use chrono::Utc;
 use entity::tenant::{agent, conversation, message, visitor};
-use sea_orm::sea_query::{Expr, IntoCondition};
+use sea_orm::sea_query::{self, Expr, IntoCondition};
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, ConnectionTrait, DbErr, EntityTrait, JoinType, QueryFilter,
-    QueryOrder, QuerySelect, RelationDef, Set, SqlErr,
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, DbErr, EntityTrait, JoinType, PrimaryKeyTrait,
+    QueryFilter, QueryOrder, QuerySelect, RelationDef, SelectTwo, Set, SqlErr,
 };
 
 use super::ConversationStatus;
@@ -46,23 +46,30 @@ pub async fn open_conversation_of(
         .await
 }
 
-/// A join from `owner` (a visitor or an agent) to its conversations whose status passes
-/// `status`, the condition inside the join so that an owner without any still comes back. No
-/// relation is declared between these entities; this one exists for the sockets' opening
-/// queries only.
-fn conversations_joined<E: EntityTrait>(
-    owner: E,
+/// `owner` (a visitor or an agent) by id, each row with one of its conversations whose status
+/// passes `status`, or with none. The condition sits inside the `LEFT JOIN`, so an owner
+/// without any such conversation still comes back. No relation is declared between these
+/// entities; this one exists for the sockets' opening queries only.
+fn with_conversations<E>(
+    owner_id: i64,
     key: conversation::Column,
-    owner_id: E::Column,
+    owner_key: E::Column,
     status: fn(Expr) -> Expr,
-) -> RelationDef {
-    let def: RelationDef = conversation::Entity::belongs_to(owner)
+) -> SelectTwo<E, conversation::Entity>
+where
+    E: EntityTrait,
+    i64: Into<<E::PrimaryKey as PrimaryKeyTrait>::ValueType>,
+{
+    let def: RelationDef = conversation::Entity::belongs_to(E::default())
         .from(key)
-        .to(owner_id)
+        .to(owner_key)
         .into();
-    def.rev().on_condition(move |_owner, conv| {
+    let def = def.rev().on_condition(move |_owner, conv| {
         status(Expr::col((conv, conversation::Column::Status))).into_condition()
-    })
+    });
+    E::find_by_id(owner_id)
+        .select_also(conversation::Entity)
+        .join(JoinType::LeftJoin, def)
 }
 
 /// The visitor, if it still exists, with its conversation that is not closed: in one query,
@@ -72,17 +79,14 @@ pub async fn visitor_with_open_conversation(
     db: &impl ConnectionTrait,
     visitor_id: i64,
 ) -> Result<Option<(visitor::Model, Option<conversation::Model>)>, DbErr> {
-    let open = conversations_joined(
-        visitor::Entity,
+    with_conversations::<visitor::Entity>(
+        visitor_id,
         conversation::Column::VisitorId,
         visitor::Column::Id,
-        |status| sea_orm::sea_query::ExprTrait::ne(status, ConversationStatus::Closed.as_str()),
-    );
-    visitor::Entity::find_by_id(visitor_id)
-        .select_also(conversation::Entity)
-        .join(JoinType::LeftJoin, open)
-        .one(db)
-        .await
+        |status| sea_query::ExprTrait::ne(status, ConversationStatus::Closed.as_str()),
+    )
+    .one(db)
+    .await
 }
 
 /// The agent, if it still exists, with its active conversations by id: in one query, for the
@@ -91,19 +95,16 @@ pub async fn agent_with_active_conversations(
     db: &impl ConnectionTrait,
     agent_id: i64,
 ) -> Result<Option<(agent::Model, Vec<conversation::Model>)>, DbErr> {
-    let held = conversations_joined(
-        agent::Entity,
+    let mut rows = with_conversations::<agent::Entity>(
+        agent_id,
         conversation::Column::AgentId,
         agent::Column::Id,
-        |status| sea_orm::sea_query::ExprTrait::eq(status, ConversationStatus::Active.as_str()),
-    );
-    let mut rows = agent::Entity::find_by_id(agent_id)
-        .select_also(conversation::Entity)
-        .join(JoinType::LeftJoin, held)
-        .order_by_asc(conversation::Column::Id)
-        .all(db)
-        .await?
-        .into_iter();
+        |status| sea_query::ExprTrait::eq(status, ConversationStatus::Active.as_str()),
+    )
+    .order_by_asc(conversation::Column::Id)
+    .all(db)
+    .await?
+    .into_iter();
     let Some((agent, first)) = rows.next() else {
         return Ok(None);
     };
@@ -219,19 +220,6 @@ pub async fn queued(db: &impl ConnectionTrait) -> Result<Vec<conversation::Model
 pub async fn active(db: &impl ConnectionTrait) -> Result<Vec<conversation::Model>, DbErr> {
     conversation::Entity::find()
         .filter(conversation::Column::Status.eq(ConversationStatus::Active.as_str()))
-        .all(db)
-        .await
-}
-
-/// An agent's active conversations, for its `hello`.
-pub async fn active_for_agent(
-    db: &impl ConnectionTrait,
-    agent_id: i64,
-) -> Result<Vec<conversation::Model>, DbErr> {
-    conversation::Entity::find()
-        .filter(conversation::Column::AgentId.eq(agent_id))
-        .filter(conversation::Column::Status.eq(ConversationStatus::Active.as_str()))
-        .order_by_asc(conversation::Column::Id)
         .all(db)
         .await
 }

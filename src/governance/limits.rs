@@ -115,7 +115,7 @@ struct Inner {
     clock: DefaultClock,
 }
 
-fn per_sec_quota(rate: u32, burst: u32) -> Quota {
+fn per_sec(rate: u32, burst: u32) -> Quota {
     // Settings are validated non-zero at start-up.
     Quota::per_second(NonZeroU32::new(rate).unwrap_or(NonZeroU32::MIN))
         .allow_burst(NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN))
@@ -148,11 +148,8 @@ impl Limits {
             .or_insert_with(|| {
                 Arc::new(TenantBuckets {
                     slug: tenant.slug.clone(),
-                    http: RateLimiter::direct(per_sec_quota(l.http_per_sec, l.http_burst)),
-                    messages: RateLimiter::direct(per_sec_quota(
-                        l.messages_per_sec,
-                        l.messages_burst,
-                    )),
+                    http: RateLimiter::direct(per_sec(l.http_per_sec, l.http_burst)),
+                    messages: RateLimiter::direct(per_sec(l.messages_per_sec, l.messages_burst)),
                     ip_sessions: RateLimiter::keyed(per_min(
                         l.ip_sessions_per_min,
                         l.ip_session_burst,
@@ -189,8 +186,8 @@ impl Limits {
     /// A bucket for the frames of one WebSocket connection. It shares this server's clock:
     /// making a clock of its own reads the CPU's features (`cpuid`), which traps to the
     /// hypervisor on a virtual machine and was 5 % of the CPU spent opening a connection.
-    pub fn connection_frames(&self, per_sec: u32, burst: u32) -> DefaultDirectRateLimiter {
-        RateLimiter::direct_with_clock(per_sec_quota(per_sec, burst), self.inner.clock.clone())
+    pub fn connection_frames(&self, rate: u32, burst: u32) -> DefaultDirectRateLimiter {
+        RateLimiter::direct_with_clock(per_sec(rate, burst), self.inner.clock.clone())
     }
 
     /// One HTTP request to `tenant`.

@@ -33,8 +33,10 @@ fn state(req: &HttpRequest) -> Result<web::Data<AppState>, ApiError> {
 }
 
 /// Resolves the request's tenant and checks that `token` is a valid token of `kind` issued
-/// for that tenant; returns the tenant and the token's subject id.
-async fn verified(
+/// for that tenant; returns the tenant and the token's subject id. The signature only: the
+/// caller must still find the agent or visitor in storage (the extractors below do; the
+/// WebSocket upgrades do it in the query that also reads the `hello` snapshot).
+pub async fn verified(
     state: &AppState,
     req: &HttpRequest,
     token: Option<String>,
@@ -153,18 +155,6 @@ impl AuthVisitor {
             .ok_or(ApiError::InvalidToken)?;
         Ok(Self { tenant, id })
     }
-}
-
-/// The tenant and subject id of a token of `kind`, checked by signature only: whoever calls
-/// this must still find the agent or visitor in storage. The WebSocket upgrades do, in the
-/// query that also reads the `hello` snapshot.
-pub async fn claim(
-    state: &AppState,
-    req: &HttpRequest,
-    token: Option<String>,
-    kind: TokenKind,
-) -> Result<(Tenant, i64), ApiError> {
-    verified(state, req, token, kind).await
 }
 
 impl FromRequest for AuthVisitor {

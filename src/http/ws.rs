@@ -17,7 +17,7 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use super::ApiError;
-use super::auth::{bearer, claim};
+use super::auth::{bearer, verified};
 use crate::accounts::{Role, TokenKind, agents};
 use crate::actors::Realtime;
 use crate::actors::conn::{Alarm, Attach, ConnHandle, Detach, Kill};
@@ -89,7 +89,7 @@ pub async fn agent_ws(
     super::Query(q): super::Query<TokenQuery>,
 ) -> Result<HttpResponse, ApiError> {
     let token = bearer(&req).or(q.token);
-    let (tenant, id) = claim(&state, &req, token, TokenKind::Agent).await?;
+    let (tenant, id) = verified(&state, &req, token, TokenKind::Agent).await?;
     let (response, session, stream) = handshake(&req, body)?;
     let db = tenant.db;
     // The least role until the stored one is read below; no frame is handled before `start`.
@@ -120,7 +120,7 @@ pub async fn visitor_ws(
     super::Query(q): super::Query<TokenQuery>,
 ) -> Result<HttpResponse, ApiError> {
     let token = bearer(&req).or(q.token);
-    let (tenant, id) = claim(&state, &req, token, TokenKind::Visitor).await?;
+    let (tenant, id) = verified(&state, &req, token, TokenKind::Visitor).await?;
     let (response, session, stream) = handshake(&req, body)?;
     let db = tenant.db;
     let opening =

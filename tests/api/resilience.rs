@@ -252,13 +252,19 @@ async fn waiting_long_polls_do_not_hold_the_compartment() {
     })
     .await;
     let t = app.create_tenant("lpb").await;
-    // Four visitors long-poll at once (twice the compartment), each waiting for news.
-    let mut polls = Vec::new();
+    // Four visitors long-poll (twice the compartment), each waiting for news. Set up first,
+    // then started a moment apart: a poll holds its place while it reads, and four reading
+    // at the same instant would be refused for the reading, not for the waiting under test.
+    let mut visitors = Vec::new();
     for _ in 0..4 {
         let v = new_visitor(&app, &t).await;
         let conv = open_conversation(&app, &t, &v, None).await["conversation_id"]
             .as_i64()
             .unwrap();
+        visitors.push((v, conv));
+    }
+    let mut polls = Vec::new();
+    for (v, conv) in visitors {
         let last = 0;
         let req = app
             .client
@@ -270,6 +276,7 @@ async fn waiting_long_polls_do_not_hold_the_compartment() {
         polls.push(actix_web::rt::spawn(async move {
             req.send().await.unwrap().status()
         }));
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     // While they wait, the tenant is still served.
