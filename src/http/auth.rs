@@ -85,7 +85,7 @@ pub struct AuthAgent {
 impl AuthAgent {
     /// Resolves the tenant, then checks that `token` was issued for it to an agent that
     /// still exists.
-    pub async fn from_token(
+    async fn from_token(
         state: &AppState,
         req: &HttpRequest,
         token: Option<String>,
@@ -143,7 +143,7 @@ pub struct AuthVisitor {
 }
 
 impl AuthVisitor {
-    pub async fn from_token(
+    async fn from_token(
         state: &AppState,
         req: &HttpRequest,
         token: Option<String>,
