@@ -265,7 +265,7 @@ fn run_sqlite(
     // The WAL is copied back into the database file by a thread of its own, not inside
     // whichever commit crosses SQLite's automatic threshold: that commit, and every message
     // of the tenant queued behind it, would wait for the copy and its `fsync`.
-    let checkpointer = Checkpointer::start(tenant_id, path);
+    let checkpointer = Checkpointer::start(tenant_id, path, Rounds::DEFAULT);
     if checkpointer.is_some()
         && let Err(e) = db.pragma_update(None, "wal_autocheckpoint", 0)
     {
@@ -291,16 +291,39 @@ fn run_sqlite(
         batch.extend(rx.try_iter().take(MAX_BATCH - 1));
         write_batch_sqlite(&mut db, &mut batch);
         if let Some(c) = &checkpointer {
-            c.committed();
+            c.committed(&mut db, tenant_id);
         }
     }
     drop(checkpointer);
     tracing::debug!(tenant_id, "conversation writer ended");
 }
 
-/// How often the checkpointer copies what was committed into the database file. Often enough
-/// that the WAL stays a few megabytes at full load (SQLite's own threshold is 1,000 pages).
+/// How often the checkpointer copies what was committed into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+
+/// Frames (pages of 4 KiB) in the WAL past which the writer is asked to rewind it. SQLite
+/// starts the WAL again from the top only when a write transaction begins with everything in
+/// it copied into the database file, and under sustained load the checkpointer never gets
+/// there: the writer appends while it copies. The WAL then grows without end (5 GB in 50 s at
+/// 13,000 msg/s), and every commit writes into freshly allocated file blocks, which the kernel
+/// zeroes first: a quarter of the server's CPU at that rate (docs/benchmarks.md, "CPU per
+/// message and the ramp ceiling"). A rewind holds the writer for a moment, so it should be
+/// rare: 128 MiB is one every two seconds or so at 4,000 msg/s.
+const WAL_REWIND_FRAMES: i64 = 32_768;
+
+/// When the checkpointer works and when it asks for a rewind.
+#[derive(Clone, Copy)]
+struct Rounds {
+    every: Duration,
+    rewind_frames: i64,
+}
+
+impl Rounds {
+    const DEFAULT: Rounds = Rounds {
+        every: CHECKPOINT_EVERY,
+        rewind_frames: WAL_REWIND_FRAMES,
+    };
+}
 
 /// A SQLite writer's companion thread: `PRAGMA wal_checkpoint(PASSIVE)` on a connection of its
 /// own after commits, which runs beside the writer's next transactions instead of inside one.
@@ -308,6 +331,9 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 struct Checkpointer {
     /// Raised by the writer after each commit; the thread checkpoints only when raised.
     dirty: Arc<std::sync::atomic::AtomicBool>,
+    /// Raised by the thread when the WAL is long: the writer then finishes the copy itself,
+    /// between two transactions, so that its next one rewinds the WAL.
+    rewind: Arc<std::sync::atomic::AtomicBool>,
     /// Dropping it wakes and ends the thread.
     stop: Option<flume::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -316,7 +342,7 @@ struct Checkpointer {
 impl Checkpointer {
     /// `None` when its connection or thread cannot be had: then SQLite's automatic
     /// checkpoints stay on.
-    fn start(tenant_id: i64, path: &std::path::Path) -> Option<Self> {
+    fn start(tenant_id: i64, path: &std::path::Path, rounds: Rounds) -> Option<Self> {
         let mut db = match open_sqlite(path) {
             Ok(db) => db,
             Err(e) => {
@@ -325,18 +351,24 @@ impl Checkpointer {
             }
         };
         let dirty = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let rewind = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (stop, stopped) = flume::bounded::<()>(0);
-        let flag = dirty.clone();
+        let (flag, long) = (dirty.clone(), rewind.clone());
         let thread = std::thread::Builder::new()
             .name(format!("kefu-checkpoint-{tenant_id}"))
             .spawn(move || {
                 loop {
                     let last = !matches!(
-                        stopped.recv_timeout(CHECKPOINT_EVERY),
+                        stopped.recv_timeout(rounds.every),
                         Err(flume::RecvTimeoutError::Timeout)
                     );
-                    if flag.swap(false, Ordering::AcqRel) || last {
+                    if (flag.swap(false, Ordering::AcqRel) || last)
+                        && checkpoint(&mut db, tenant_id).is_some_and(|f| f >= rounds.rewind_frames)
+                    {
+                        // Once more first, for what came in during that copy of a long WAL,
+                        // so that little is left for the writer to wait on.
                         checkpoint(&mut db, tenant_id);
+                        long.store(true, Ordering::Release);
                     }
                     if last {
                         break;
@@ -346,6 +378,7 @@ impl Checkpointer {
         match thread {
             Ok(thread) => Some(Self {
                 dirty,
+                rewind,
                 stop: Some(stop),
                 thread: Some(thread),
             }),
@@ -356,8 +389,16 @@ impl Checkpointer {
         }
     }
 
-    fn committed(&self) {
+    /// Called by the writer after each commit, on its own connection: marks the WAL for the
+    /// next round and, when the thread found it long, copies what is left of it. That copy
+    /// is the little committed since the thread's own, and with nothing being appended
+    /// meanwhile it completes, so the writer's next transaction starts the WAL from the top
+    /// (unless a reader still reads an old snapshot from it; then the next request does).
+    fn committed(&self, writer: &mut rusqlite::Connection, tenant_id: i64) {
         self.dirty.store(true, Ordering::Release);
+        if self.rewind.swap(false, Ordering::AcqRel) {
+            checkpoint(writer, tenant_id);
+        }
     }
 }
 
@@ -372,9 +413,15 @@ impl Drop for Checkpointer {
 }
 
 /// A PASSIVE checkpoint never waits for the writer or readers: it copies what it can now.
-fn checkpoint(db: &mut rusqlite::Connection, tenant_id: i64) {
-    if let Err(e) = db.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-        tracing::warn!(error = %e, tenant_id, "WAL checkpoint failed; the next one retries");
+/// Returns the frames in the WAL.
+fn checkpoint(db: &mut rusqlite::Connection, tenant_id: i64) -> Option<i64> {
+    // Columns: blocked (always 0 for PASSIVE), frames in the WAL, frames copied.
+    match db.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get(1)) {
+        Ok(frames) => Some(frames),
+        Err(e) => {
+            tracing::warn!(error = %e, tenant_id, "WAL checkpoint failed; the next one retries");
+            None
+        }
     }
 }
 
@@ -600,7 +647,7 @@ mod tests {
         writer
             .pragma_update(None, "wal_autocheckpoint", 0)
             .expect("no automatic checkpoints");
-        let checkpointer = Checkpointer::start(1, &path).expect("checkpointer");
+        let checkpointer = Checkpointer::start(1, &path, Rounds::DEFAULT).expect("checkpointer");
         let before = rows_in_main_file(&path);
         let txn = writer.transaction().expect("begin");
         for x in 0..100 {
@@ -608,7 +655,7 @@ mod tests {
                 .expect("insert");
         }
         txn.commit().expect("commit");
-        checkpointer.committed();
+        checkpointer.committed(&mut writer, 1);
 
         // Only the checkpointer moves the rows from the WAL into the file (the writer's own
         // checkpoints are off): wait for it, boundedly.
@@ -618,6 +665,45 @@ mod tests {
             std::thread::sleep(Duration::from_millis(20));
         }
         assert_eq!(before, 0);
+        drop(checkpointer);
+    }
+
+    #[test]
+    fn the_wal_is_rewound_while_the_writer_keeps_appending() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("tenant.db");
+        let setup = rusqlite::Connection::open(&path).expect("create");
+        setup
+            .execute_batch("PRAGMA journal_mode=WAL; CREATE TABLE t (x BLOB);")
+            .expect("schema");
+        drop(setup);
+
+        let mut writer = open_sqlite(&path).expect("writer connection");
+        writer
+            .pragma_update(None, "wal_autocheckpoint", 0)
+            .expect("no automatic checkpoints");
+        // Rounds far more often, and a far lower threshold, than the server's, so that this
+        // small test crosses it many times.
+        let rounds = Rounds {
+            every: Duration::from_millis(5),
+            rewind_frames: 64,
+        };
+        let checkpointer = Checkpointer::start(1, &path, rounds).expect("checkpointer");
+        // Back-to-back transactions of about three pages each, some 50 MiB of WAL frames in
+        // all: the thread's checkpoints alone never find the WAL fully copied when one of
+        // them begins, so without the rewind the WAL would hold all of it.
+        let blob = vec![7u8; 6000];
+        for _ in 0..4000 {
+            let txn = writer.transaction().expect("begin");
+            txn.execute("INSERT INTO t VALUES (?1)", [&blob])
+                .expect("insert");
+            txn.commit().expect("commit");
+            checkpointer.committed(&mut writer, 1);
+        }
+        let wal = std::fs::metadata(dir.path().join("tenant.db-wal"))
+            .expect("the WAL")
+            .len();
+        assert!(wal < 16 << 20, "the WAL grew to {wal} bytes");
         drop(checkpointer);
     }
 }
