@@ -633,20 +633,26 @@ mod tests {
             .unwrap_or(0)
     }
 
-    #[test]
-    fn the_checkpointer_copies_commits_into_the_database_file() {
+    /// A tenant file in WAL mode with one table `t (x)`, and a writer connection to it set up
+    /// as the server's (automatic checkpoints off).
+    fn tenant_file_and_writer() -> (tempfile::TempDir, PathBuf, rusqlite::Connection) {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("tenant.db");
         let setup = rusqlite::Connection::open(&path).expect("create");
         setup
-            .execute_batch("PRAGMA journal_mode=WAL; CREATE TABLE t (x INTEGER);")
+            .execute_batch("PRAGMA journal_mode=WAL; CREATE TABLE t (x);")
             .expect("schema");
         drop(setup);
-
-        let mut writer = open_sqlite(&path).expect("writer connection");
+        let writer = open_sqlite(&path).expect("writer connection");
         writer
             .pragma_update(None, "wal_autocheckpoint", 0)
             .expect("no automatic checkpoints");
+        (dir, path, writer)
+    }
+
+    #[test]
+    fn the_checkpointer_copies_commits_into_the_database_file() {
+        let (_dir, path, mut writer) = tenant_file_and_writer();
         let checkpointer = Checkpointer::start(1, &path, Rounds::DEFAULT).expect("checkpointer");
         let before = rows_in_main_file(&path);
         let txn = writer.transaction().expect("begin");
@@ -670,18 +676,7 @@ mod tests {
 
     #[test]
     fn the_wal_is_rewound_while_the_writer_keeps_appending() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("tenant.db");
-        let setup = rusqlite::Connection::open(&path).expect("create");
-        setup
-            .execute_batch("PRAGMA journal_mode=WAL; CREATE TABLE t (x BLOB);")
-            .expect("schema");
-        drop(setup);
-
-        let mut writer = open_sqlite(&path).expect("writer connection");
-        writer
-            .pragma_update(None, "wal_autocheckpoint", 0)
-            .expect("no automatic checkpoints");
+        let (dir, path, mut writer) = tenant_file_and_writer();
         // Rounds far more often, and a far lower threshold, than the server's, so that this
         // small test crosses it many times.
         let rounds = Rounds {
