@@ -14,12 +14,13 @@
 //! cargo run --release -p kefu-loadtest --example actix_floor -- open 9900 19000 $!
 //! ```
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
 use anyhow::{Context, Result, bail};
 use futures_util::{StreamExt, stream};
+use kefu_loadtest::client::Target;
+use kefu_loadtest::scenarios::connections::{loopback_sources, rss_kib};
 
 /// As `kefu serve`: the allocator is part of what is measured.
 #[global_allocator]
@@ -29,7 +30,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const CONNECT_CONCURRENCY: usize = 64;
 
 /// Source addresses to spread the connections over: one address has about 28,000 ports.
-const SOURCES: u8 = 4;
+const SOURCES: usize = 4;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -96,17 +97,28 @@ async fn hold(req: HttpRequest, body: web::Payload, bare: bool) -> actix_web::Re
 
 fn open(port: u16, n: usize, pid: u32) -> Result<()> {
     tokio::runtime::Runtime::new()?.block_on(async move {
-        let before = kefu_loadtest::scenarios::connections::rss_kib(pid).context("server RSS")?;
+        // The harness's own connect; the floor server ignores the host and the empty token.
+        let target = Target::new(&format!("http://127.0.0.1:{port}")).await?;
+        let sources = loopback_sources(SOURCES);
+        let before = rss_kib(pid).context("server RSS")?;
         let started = std::time::Instant::now();
         let held: Vec<_> = stream::iter(0..n)
-            .map(|i| connect(port, Ipv4Addr::new(127, 0, 0, 2 + (i % SOURCES as usize) as u8)))
+            .map(|i| {
+                let target = &target;
+                let source = sources[i % SOURCES];
+                async move {
+                    let mut ws = target.ws_connect("floor", "/ws", "", Some(source)).await?;
+                    ws.next().await.context("closed before its first frame")??;
+                    anyhow::Ok(ws)
+                }
+            })
             .buffer_unordered(CONNECT_CONCURRENCY)
             .collect()
             .await;
         let opened = held.iter().filter(|c| c.is_ok()).count();
         let took = started.elapsed();
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let after = kefu_loadtest::scenarios::connections::rss_kib(pid).context("server RSS")?;
+        let after = rss_kib(pid).context("server RSS")?;
         println!(
             "opened {opened} of {n} in {:.2} s; server RSS {before} -> {after} KiB: {:.0} bytes per connection",
             took.as_secs_f64(),
@@ -114,19 +126,4 @@ fn open(port: u16, n: usize, pid: u32) -> Result<()> {
         );
         Ok(())
     })
-}
-
-async fn connect(
-    port: u16,
-    source: Ipv4Addr,
-) -> Result<tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>> {
-    let socket = tokio::net::TcpSocket::new_v4()?;
-    socket.bind(SocketAddr::new(IpAddr::V4(source), 0))?;
-    let tcp = socket
-        .connect(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port))
-        .await?;
-    let (mut ws, _) =
-        tokio_tungstenite::client_async(format!("ws://127.0.0.1:{port}/ws"), tcp).await?;
-    ws.next().await.context("closed before its first frame")??;
-    Ok(ws)
 }
