@@ -1,5 +1,6 @@
-//! Appending to a conversation's log. Every function here runs inside a transaction of the
-//! group-commit writer, one savepoint per operation, and allocates the next `seq` with a single
+//! Appending to a conversation's log. Every function here runs for the group-commit writer,
+//! inside its transaction or (a batch of messages on PostgreSQL, [`append_many`]) as one
+//! statement that commits on its own, and allocates the next `seq` with
 //! `UPDATE … SET last_seq = last_seq + 1 … RETURNING`: the row lock that statement takes is what
 //! serialises concurrent appends to one conversation, on SQLite and PostgreSQL alike.
 
@@ -9,7 +10,8 @@ use chrono::Utc;
 use entity::tenant::{conversation, message, read_position};
 use sea_orm::sea_query::{Expr, ExprTrait};
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter, Set,
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, DbErr, EntityTrait, FromQueryResult,
+    QueryFilter, Set,
 };
 use serde_json::json;
 
@@ -109,131 +111,99 @@ pub enum WriteError {
     Overloaded,
 }
 
-/// Appends messages of distinct conversations in three statements, however many there are:
-/// one query for re-sends, one `UPDATE … RETURNING` that allocates every `seq` (and checks in
-/// the same statement that each sender may write), one multi-row `INSERT`. Under load the
-/// writer hands in whole batches, so the cost per message falls as the load rises.
+/// Appends messages of distinct conversations (PostgreSQL) in one statement, however many
+/// there are: it finds re-sends, locks the conversations' rows in id order, allocates every
+/// `seq` (checking in the same `UPDATE` that each sender may write) and inserts the messages.
+/// Outside a transaction that statement commits on its own, so a batch of messages costs the
+/// writer one round trip and holds the rows' locks only while it runs and commits; another
+/// node's writer waiting for the same conversation waits that long and no longer. Its text
+/// never changes (the batch travels as arrays), so each connection prepares it once.
+///
+/// Locking in id order first matters in cluster mode: two nodes' batches often share
+/// conversations (a visitor on one node, its agent on the other), and rows locked in the
+/// `UPDATE`'s plan order could be taken in opposite orders by two batches, a deadlock.
 ///
 /// The caller guarantees the conversations are distinct (each conversation actor has at most
-/// one write in flight). An `Err` is a storage failure: the transaction is then unusable and
-/// nothing of the batch may be acknowledged.
+/// one write in flight). An `Err` is a storage failure: nothing of the batch was stored.
 pub async fn append_many(
     db: &impl ConnectionTrait,
     msgs: &[&NewMessage],
 ) -> Result<Vec<Result<Written, WriteError>>, DbErr> {
-    use conversation::Column as C;
-    use message::Column as M;
     let mut out: Vec<Option<Result<Written, WriteError>>> = msgs.iter().map(|_| None).collect();
-
-    // Re-sends: answered with the first copy, nothing stored.
-    let mut resent = sea_orm::Condition::any();
-    for m in msgs {
-        resent = resent.add(
-            sea_orm::Condition::all()
-                .add(M::ConversationId.eq(m.conversation_id))
-                .add(M::ClientMsgId.eq(m.client_msg_id.as_str())),
-        );
-    }
-    let existing: HashMap<(i64, String), message::Model> = message::Entity::find()
-        .filter(resent)
-        .all(db)
-        .await?
-        .into_iter()
-        .map(|e| ((e.conversation_id, e.client_msg_id.clone()), e))
+    let values: Vec<sea_orm::Value> = vec![
+        msgs.iter()
+            .map(|m| m.conversation_id)
+            .collect::<Vec<_>>()
+            .into(),
+        msgs.iter()
+            .map(|m| m.client_msg_id.clone())
+            .collect::<Vec<_>>()
+            .into(),
+        msgs.iter()
+            .map(|m| m.sender.kind().to_owned())
+            .collect::<Vec<_>>()
+            .into(),
+        msgs.iter()
+            .map(|m| m.sender.id())
+            .collect::<Vec<_>>()
+            .into(),
+        msgs.iter()
+            .map(|m| m.content.clone())
+            .collect::<Vec<_>>()
+            .into(),
+        Utc::now().into(),
+    ];
+    let rows = db
+        .query_all_raw(sea_orm::Statement::from_sql_and_values(
+            sea_orm::DbBackend::Postgres,
+            append_sql(),
+            values,
+        ))
+        .await?;
+    // Every returned row is of one of the batch's conversations, which are distinct.
+    let position: HashMap<i64, usize> = msgs
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (m.conversation_id, i))
         .collect();
-    for (slot, m) in out.iter_mut().zip(msgs) {
-        if let Some(e) = existing.get(&(m.conversation_id, m.client_msg_id.clone())) {
-            *slot = Some(same_sender(e.clone(), m.sender));
-        }
-    }
-
-    // Allocate a seq for every other message. Only the conversation's visitor (until it
-    // closes) or its agent (while active) may write; the rest are simply not updated.
-    let fresh: Vec<usize> = (0..msgs.len()).filter(|&i| out[i].is_none()).collect();
-    if fresh.is_empty() {
-        return Ok(out.into_iter().flatten().collect());
-    }
-    let mut allowed = sea_orm::Condition::any();
-    for &i in &fresh {
-        let m = msgs[i];
-        let one = sea_orm::Condition::all().add(C::Id.eq(m.conversation_id));
-        allowed = allowed.add(match m.sender {
-            Participant::Visitor(v) => one
-                .add(C::VisitorId.eq(v))
-                .add(C::Status.ne(ConversationStatus::Closed.as_str())),
-            Participant::Agent(a) => one
-                .add(C::AgentId.eq(a))
-                .add(C::Status.eq(ConversationStatus::Active.as_str())),
+    for row in rows {
+        let message = message::Model::from_query_result(&row, "m_")?;
+        let Some(&i) = position.get(&message.conversation_id) else {
+            continue;
+        };
+        out[i] = Some(if row.try_get::<bool>("", "fresh")? {
+            let conversation = conversation::Model::from_query_result(&row, "c_")?;
+            Ok(Written::Stored {
+                message,
+                // A message changes nothing but `last_seq`: "before" is the same conversation.
+                before: conversation.clone(),
+                conversation,
+            })
+        } else {
+            same_sender(message, msgs[i].sender)
         });
     }
-    let bumped: HashMap<i64, conversation::Model> = conversation::Entity::update_many()
-        .col_expr(C::LastSeq, Expr::col(C::LastSeq).add(1))
-        .filter(allowed)
-        .exec_with_returning(db)
-        .await?
-        .into_iter()
-        .map(|c| (c.id, c))
-        .collect();
 
     // Say why the others were refused (rare: read only then).
-    let refused: Vec<i64> = fresh
+    let refused: Vec<i64> = msgs
         .iter()
-        .map(|&i| msgs[i].conversation_id)
-        .filter(|id| !bumped.contains_key(id))
+        .zip(&out)
+        .filter(|(_, slot)| slot.is_none())
+        .map(|(m, _)| m.conversation_id)
         .collect();
     if !refused.is_empty() {
         let found: HashMap<i64, conversation::Model> = conversation::Entity::find()
-            .filter(C::Id.is_in(refused))
+            .filter(conversation::Column::Id.is_in(refused))
             .all(db)
             .await?
             .into_iter()
             .map(|c| (c.id, c))
             .collect();
-        for &i in &fresh {
-            let m = msgs[i];
-            if !bumped.contains_key(&m.conversation_id) {
-                out[i] = Some(Err(match found.get(&m.conversation_id) {
+        for (slot, m) in out.iter_mut().zip(msgs) {
+            if slot.is_none() {
+                *slot = Some(Err(match found.get(&m.conversation_id) {
                     None => WriteError::NotFound,
                     Some(c) => refusal(c, m.sender),
-                }));
-            }
-        }
-    }
-
-    // Store them all in one statement.
-    let now = Utc::now();
-    let rows: Vec<message::ActiveModel> = fresh
-        .iter()
-        .filter_map(|&i| {
-            let m = msgs[i];
-            let conv = bumped.get(&m.conversation_id)?;
-            Some(message::ActiveModel {
-                conversation_id: Set(m.conversation_id),
-                seq: Set(conv.last_seq),
-                client_msg_id: Set(m.client_msg_id.clone()),
-                sender_kind: Set(m.sender.kind().to_owned()),
-                sender_id: Set(Some(m.sender.id())),
-                content: Set(m.content.clone()),
-                created_at: Set(now),
-                ..Default::default()
-            })
-        })
-        .collect();
-    if !rows.is_empty() {
-        let mut inserted: HashMap<i64, message::Model> = message::Entity::insert_many(rows)
-            .exec_with_returning(db)
-            .await?
-            .into_iter()
-            .map(|row| (row.conversation_id, row))
-            .collect();
-        for &i in &fresh {
-            let id = msgs[i].conversation_id;
-            if let (Some(message), Some(conv)) = (inserted.remove(&id), bumped.get(&id)) {
-                // A message changes nothing but `last_seq`: "before" is the same conversation.
-                out[i] = Some(Ok(Written::Stored {
-                    message,
-                    before: conv.clone(),
-                    conversation: conv.clone(),
                 }));
             }
         }
@@ -242,6 +212,78 @@ pub async fn append_many(
         .into_iter()
         .map(|r| r.unwrap_or(Err(WriteError::Unavailable)))
         .collect())
+}
+
+/// The text of [`append_many`]'s statement. Its parameters: the conversations, client message
+/// ids, sender kinds, sender ids and contents as five arrays of one element per message, then
+/// the time stored as `created_at`. Each returned row is a message (columns `m_*`): a re-send's
+/// first copy (`fresh` false), or a new one with its conversation as now (`fresh`, `c_*`).
+///
+/// The `UPDATE`'s condition on `locked` is uncorrelated, so PostgreSQL evaluates it once
+/// before the `UPDATE` touches any row (an init plan): every row is locked, in id order, first.
+/// `c.id = ANY(…)` keeps the `UPDATE` on the primary key in the generic plan a prepared
+/// statement ends up with (it does not know the arrays' length and would scan the table).
+fn append_sql() -> &'static str {
+    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        use sea_orm::{IdenStatic, Iterable};
+        let columns = |table: &str, prefix: &str, names: Vec<&'static str>| {
+            names
+                .into_iter()
+                .map(|c| format!("{table}.{c} AS {prefix}{c}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let message_columns: Vec<&str> = message::Column::iter().map(|c| c.as_str()).collect();
+        let conversation_columns: Vec<&str> =
+            conversation::Column::iter().map(|c| c.as_str()).collect();
+        let m = columns("m", "m_", message_columns);
+        let c = columns("c", "c_", conversation_columns.clone());
+        let nulls = conversation_columns
+            .iter()
+            .map(|c| format!("NULL AS c_{c}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!(
+            "WITH v AS (
+                 SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::text[])
+                     AS v(conversation_id, client_msg_id, sender_kind, sender_id, content)
+             ),
+             resent AS (
+                 SELECT m.* FROM messages m JOIN v USING (conversation_id, client_msg_id)
+             ),
+             locked AS (
+                 SELECT id FROM conversations WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE
+             ),
+             bumped AS (
+                 UPDATE conversations c SET last_seq = c.last_seq + 1
+                 FROM v
+                 WHERE (SELECT count(*) FROM locked) > 0
+                   AND c.id = ANY($1::bigint[]) AND v.conversation_id = c.id
+                   AND NOT EXISTS (SELECT 1 FROM resent r
+                                   WHERE r.conversation_id = v.conversation_id)
+                   AND CASE v.sender_kind
+                         WHEN '{visitor}' THEN c.visitor_id = v.sender_id AND c.status <> '{closed}'
+                         ELSE c.agent_id = v.sender_id AND c.status = '{active}'
+                       END
+                 RETURNING c.*
+             ),
+             stored AS (
+                 INSERT INTO messages
+                     (conversation_id, seq, client_msg_id, sender_kind, sender_id, content, created_at)
+                 SELECT v.conversation_id, b.last_seq, v.client_msg_id, v.sender_kind, v.sender_id,
+                        v.content, $6
+                 FROM bumped b JOIN v ON v.conversation_id = b.id
+                 RETURNING *
+             )
+             SELECT true AS fresh, {m}, {c} FROM stored m JOIN bumped c ON c.id = m.conversation_id
+             UNION ALL
+             SELECT false, {m}, {nulls} FROM resent m",
+            visitor = Participant::Visitor(0).kind(),
+            closed = ConversationStatus::Closed.as_str(),
+            active = ConversationStatus::Active.as_str(),
+        )
+    });
+    &SQL
 }
 
 impl Change {

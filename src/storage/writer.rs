@@ -543,6 +543,20 @@ async fn try_batch(
     batch: &[Job],
     shared: bool,
 ) -> Result<Vec<Result<Written, WriteError>>, sea_orm::DbErr> {
+    // The usual batch, messages of distinct conversations, is one statement that commits on
+    // its own (see `log::append_many`): no transaction to open and close around it.
+    let messages: Option<Vec<&NewMessage>> = batch
+        .iter()
+        .map(|job| match &job.op {
+            WriteOp::Message(m) => Some(m),
+            _ => None,
+        })
+        .collect();
+    if let Some(msgs) = messages
+        && distinct(msgs.iter().map(|m| m.conversation_id))
+    {
+        return log::append_many(db, &msgs).await;
+    }
     let txn = crate::storage::begin_write(db).await?;
     if shared {
         lock_in_order(&txn, batch).await?;
@@ -557,16 +571,14 @@ async fn try_batch(
             _ => None,
         })
         .collect();
-    let mut ids: Vec<i64> = messages.iter().map(|(_, m)| m.conversation_id).collect();
-    ids.sort_unstable();
-    ids.dedup();
     // Distinct conversations go in one round; should one repeat, one at a time keeps
     // their order.
-    let rounds: Vec<Vec<(usize, &NewMessage)>> = if ids.len() == messages.len() {
-        vec![messages]
-    } else {
-        messages.into_iter().map(|m| vec![m]).collect()
-    };
+    let rounds: Vec<Vec<(usize, &NewMessage)>> =
+        if distinct(messages.iter().map(|(_, m)| m.conversation_id)) {
+            vec![messages]
+        } else {
+            messages.into_iter().map(|m| vec![m]).collect()
+        };
     for round in rounds {
         let msgs: Vec<&NewMessage> = round.iter().map(|(_, m)| *m).collect();
         for ((i, _), r) in round.iter().zip(log::append_many(&txn, &msgs).await?) {
@@ -588,6 +600,15 @@ async fn try_batch(
         .into_iter()
         .map(|r| r.unwrap_or(Err(WriteError::Unavailable)))
         .collect())
+}
+
+/// Are these conversation ids all different?
+fn distinct(ids: impl Iterator<Item = i64>) -> bool {
+    let mut ids: Vec<i64> = ids.collect();
+    let n = ids.len();
+    ids.sort_unstable();
+    ids.dedup();
+    ids.len() == n
 }
 
 /// Locks the rows of every conversation the batch writes, in id order, before any statement

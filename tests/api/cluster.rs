@@ -12,6 +12,8 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
+use kefu::storage::writer::WriteOp;
+
 use crate::helpers::{Api, TestTenant, postgres_server, random_suffix};
 use crate::ws::{
     Visitor, Ws, assert_gap_free, history, new_visitor, open_conversation, set_capacity,
@@ -957,13 +959,54 @@ async fn suspending_a_tenant_on_one_node_closes_its_sockets_on_the_others() {
 /// have locked B and then waited for A, the order another node's batch may take the other way.
 #[actix_web::test]
 async fn cluster_writer_batches_lock_conversations_in_id_order() {
+    use kefu::conversations::log::{Change, Closer};
+    lock_order_case("lockorder", |(a, va), (b, vb)| {
+        (
+            WriteOp::Change(Change::Close {
+                conversation_id: a,
+                by: Closer::Visitor(va),
+            }),
+            message(b, vb, "b-1"),
+        )
+    })
+    .await;
+}
+
+/// The same for the usual batch, messages only, which is a single statement without a
+/// transaction around it: its `UPDATE` takes the rows in id order too.
+#[actix_web::test]
+async fn cluster_message_batches_lock_conversations_in_id_order() {
+    lock_order_case("lockorder-msgs", |(a, va), (b, vb)| {
+        (message(b, vb, "b-1"), message(a, va, "a-1"))
+    })
+    .await;
+}
+
+fn message(conversation_id: i64, visitor: i64, client_msg_id: &str) -> WriteOp {
     use kefu::conversations::Participant;
-    use kefu::conversations::log::{Change, Closer, NewMessage};
-    use kefu::storage::writer::{WriteOp, Writers};
+    use kefu::conversations::log::NewMessage;
+    WriteOp::Message(NewMessage {
+        conversation_id,
+        client_msg_id: client_msg_id.to_owned(),
+        sender: Participant::Visitor(visitor),
+        content: r#"{"type":"text","text":"hi"}"#.to_owned(),
+    })
+}
+
+/// Opens conversations A < B, holds A's row in another transaction, and has a writer in
+/// cluster mode run the two operations `ops((A, its visitor), (B, its visitor))` as one
+/// batch: B must still be free while the batch waits for A, and both must succeed once A is
+/// released.
+async fn lock_order_case(
+    slug: &str,
+    ops: impl FnOnce((i64, i64), (i64, i64)) -> (WriteOp, WriteOp),
+) {
+    use kefu::conversations::Participant;
+    use kefu::storage::writer::Writers;
     use sea_orm::sqlx::{self, Connection, Executor};
 
     let app = crate::helpers::spawn_app(crate::helpers::Backend::Postgres).await;
-    let t = app.create_tenant("lockorder").await;
+    let t = app.create_tenant(slug).await;
     let (va, vb) = (new_visitor(&app, &t).await, new_visitor(&app, &t).await);
     let a = open_conversation(&app, &t, &va, None).await["conversation_id"]
         .as_i64()
@@ -994,22 +1037,13 @@ async fn cluster_writer_batches_lock_conversations_in_id_order() {
         .await
         .unwrap();
     // Both are queued before the writer runs again (one runtime thread): one batch.
+    let (first, second) = ops((a, va.id), (b, vb.id));
     let batch = {
         let (writers, db, tenant) = (writers.clone(), db.clone(), t.id);
-        let to_b = WriteOp::Message(NewMessage {
-            conversation_id: b,
-            client_msg_id: "b-1".to_owned(),
-            sender: Participant::Visitor(vb.id),
-            content: r#"{"type":"text","text":"hi"}"#.to_owned(),
-        });
-        let close_a = WriteOp::Change(Change::Close {
-            conversation_id: a,
-            by: Closer::Visitor(va.id),
-        });
         actix_web::rt::spawn(async move {
             futures_util::join!(
-                writers.write(tenant, &db, close_a),
-                writers.write(tenant, &db, to_b)
+                writers.write(tenant, &db, first),
+                writers.write(tenant, &db, second)
             )
         })
     };
@@ -1023,7 +1057,7 @@ async fn cluster_writer_batches_lock_conversations_in_id_order() {
         .await;
     probe.execute("ROLLBACK").await.unwrap();
     holder.execute("ROLLBACK").await.unwrap();
-    let (closed, sent) = batch.await.unwrap();
+    let (first, second) = batch.await.unwrap();
     assert!(b_free.is_ok(), "the batch locked B before A: {b_free:?}");
-    assert!(closed.is_ok() && sent.is_ok(), "{closed:?} {sent:?}");
+    assert!(first.is_ok() && second.is_ok(), "{first:?} {second:?}");
 }
