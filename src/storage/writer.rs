@@ -298,8 +298,12 @@ fn run_sqlite(
     tracing::debug!(tenant_id, "conversation writer ended");
 }
 
-/// How often the checkpointer copies what was committed into the database file.
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+/// How often the checkpointer copies what was committed into the database file. Each copy
+/// ends with an `fsync` of that file, which the writer's own `fsync`s of the WAL queue behind
+/// on the same disk; every two seconds rather than every 250 ms, a hot page is copied once
+/// for many commits, and the steady benchmark's p99 fell by about a millisecond
+/// (docs/benchmarks.md, "Steady").
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
 
 /// Frames (pages of 4 KiB) in the WAL past which the writer is asked to rewind it. SQLite
 /// starts the WAL again from the top only when a write transaction begins with everything in
