@@ -130,27 +130,19 @@ pub async fn append_many(
     msgs: &[&NewMessage],
 ) -> Result<Vec<Result<Written, WriteError>>, DbErr> {
     let mut out: Vec<Option<Result<Written, WriteError>>> = msgs.iter().map(|_| None).collect();
-    let values: Vec<sea_orm::Value> = vec![
-        msgs.iter()
-            .map(|m| m.conversation_id)
-            .collect::<Vec<_>>()
-            .into(),
-        msgs.iter()
-            .map(|m| m.client_msg_id.clone())
-            .collect::<Vec<_>>()
-            .into(),
-        msgs.iter()
-            .map(|m| m.sender.kind().to_owned())
-            .collect::<Vec<_>>()
-            .into(),
-        msgs.iter()
-            .map(|m| m.sender.id())
-            .collect::<Vec<_>>()
-            .into(),
-        msgs.iter()
-            .map(|m| m.content.clone())
-            .collect::<Vec<_>>()
-            .into(),
+    // One array per column, one element per message.
+    fn column<T>(msgs: &[&NewMessage], f: impl Fn(&NewMessage) -> T) -> sea_orm::Value
+    where
+        Vec<T>: Into<sea_orm::Value>,
+    {
+        msgs.iter().map(|m| f(m)).collect::<Vec<T>>().into()
+    }
+    let values = vec![
+        column(msgs, |m| m.conversation_id),
+        column(msgs, |m| m.client_msg_id.clone()),
+        column(msgs, |m| m.sender.kind().to_owned()),
+        column(msgs, |m| m.sender.id()),
+        column(msgs, |m| m.content.clone()),
         Utc::now().into(),
     ];
     let rows = db
