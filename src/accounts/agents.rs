@@ -248,9 +248,10 @@ pub async fn team_ids(db: &impl ConnectionTrait, agent_id: i64) -> Result<Vec<i6
         .collect())
 }
 
-/// Parses the role stored in a row; rows are only ever written from [`Role::as_str`].
-pub fn stored_role(model: &agent::Model) -> Role {
-    Role::parse(&model.role).unwrap_or(Role::Agent)
+/// Parses the role stored in an agent's row; rows are only ever written from
+/// [`Role::as_str`], and anything else gets the least role.
+pub fn stored_role(role: &str) -> Role {
+    Role::parse(role).unwrap_or(Role::Agent)
 }
 
 /// How many admins there are, inside a write transaction that then changes one of them. The
@@ -321,7 +322,7 @@ async fn view(db: &impl ConnectionTrait, model: agent::Model) -> Result<AgentVie
 }
 
 fn to_view(model: agent::Model, teams: Vec<String>) -> AgentView {
-    let role = stored_role(&model);
+    let role = stored_role(&model.role);
     AgentView {
         id: model.id,
         email: model.email,

@@ -551,7 +551,23 @@ pub mod sync {
          (conversation_id, seq, client_msg_id, sender_kind, sender_id, content, created_at) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)";
 
-    /// Statements a writer connection keeps prepared: the five above, with room to spare.
+    /// The opening query of a visitor's socket (see `store::visitor_with_open_conversation`):
+    /// the visitor row joined with its conversation that is not closed, if any (at most one).
+    const VISITOR_WITH_OPEN_CONVERSATION: &str = "SELECT c.id, c.visitor_id, c.team_id, \
+         c.status, c.agent_id, c.last_seq, c.queued_at, c.created_at, c.assigned_at, \
+         c.closed_at, c.closed_by, c.abandoned FROM visitors v LEFT JOIN conversations c \
+         ON c.visitor_id = v.id AND c.status <> 'closed' WHERE v.id = ?1 LIMIT 1";
+
+    /// The opening query of an agent's socket (see `store::agent_with_active_conversations`):
+    /// its active conversations by id, each row with the agent's role last, or one row of
+    /// NULLs and the role for an agent without any.
+    const AGENT_WITH_ACTIVE_CONVERSATIONS: &str = "SELECT c.id, c.visitor_id, c.team_id, \
+         c.status, c.agent_id, c.last_seq, c.queued_at, c.created_at, c.assigned_at, \
+         c.closed_at, c.closed_by, c.abandoned, a.role FROM agents a LEFT JOIN conversations c \
+         ON c.agent_id = a.id AND c.status = 'active' WHERE a.id = ?1 ORDER BY c.id";
+
+    /// Statements a writer connection keeps prepared: the five of the writer above, with room
+    /// to spare (read connections keep their own, `storage::reader`).
     pub const STATEMENT_CACHE: usize = 16;
 
     /// Appends one message; `Err` is a storage failure (the transaction must roll back).
@@ -616,6 +632,45 @@ pub mod sync {
             before: conv.clone(),
             conversation: conv,
         }))
+    }
+
+    /// `None`: no such visitor; `Some(None)`: the visitor has no open conversation. On a read
+    /// connection (`storage::reader`), outside the writer.
+    pub fn visitor_with_open_conversation(
+        db: &Connection,
+        visitor_id: i64,
+    ) -> rusqlite::Result<Option<Option<conversation::Model>>> {
+        db.prepare_cached(VISITOR_WITH_OPEN_CONVERSATION)?
+            .query_row(params![visitor_id], |r| {
+                // The LEFT JOIN's NULLs: a visitor without an open conversation.
+                match r.get::<_, Option<i64>>(0)? {
+                    None => Ok(None),
+                    Some(_) => conversation_row(r).map(Some),
+                }
+            })
+            .optional()
+    }
+
+    /// `None`: no such agent; else its stored role and its active conversations by id. On a
+    /// read connection (`storage::reader`), outside the writer.
+    pub fn agent_with_active_conversations(
+        db: &Connection,
+        agent_id: i64,
+    ) -> rusqlite::Result<Option<(String, Vec<conversation::Model>)>> {
+        let mut statement = db.prepare_cached(AGENT_WITH_ACTIVE_CONVERSATIONS)?;
+        let mut rows = statement.query(params![agent_id])?;
+        let mut found: Option<(String, Vec<conversation::Model>)> = None;
+        while let Some(r) = rows.next()? {
+            let (_, conversations) = match &mut found {
+                Some(found) => found,
+                None => found.insert((r.get(12)?, Vec::new())),
+            };
+            // The LEFT JOIN's NULLs: an agent without active conversations.
+            if r.get::<_, Option<i64>>(0)?.is_some() {
+                conversations.push(conversation_row(r)?);
+            }
+        }
+        Ok(found)
     }
 
     fn message_row(r: &Row<'_>) -> rusqlite::Result<message::Model> {

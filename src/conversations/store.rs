@@ -9,7 +9,8 @@ use sea_orm::{
     QueryFilter, QueryOrder, QuerySelect, RelationDef, SelectTwo, Set, SqlErr,
 };
 
-use super::ConversationStatus;
+use super::{ConversationStatus, log};
+use crate::storage::reader::SqliteReader;
 
 /// Most messages one history page or one sync round returns.
 pub const MAX_PAGE: u64 = 500;
@@ -72,29 +73,52 @@ where
         .join(JoinType::LeftJoin, def)
 }
 
-/// The visitor, if it still exists, with its conversation that is not closed: in one query,
-/// because a visitor's socket needs both before it opens and each query is a round trip to
-/// the database's own thread.
+/// Whether the visitor still exists (`None` if not) and its conversation that is not closed:
+/// what a visitor's socket needs before it opens, for every socket a visitor opens.
+///
+/// On SQLite it is read on the caller's thread (`reader`, see [`crate::storage::reader`]):
+/// through the pool, the hand-off to sqlx's thread and back cost more than everything else
+/// in opening the socket. Elsewhere, or should that read fail, it is one query on the pool.
 pub async fn visitor_with_open_conversation(
     db: &impl ConnectionTrait,
+    reader: Option<&SqliteReader>,
     visitor_id: i64,
-) -> Result<Option<(visitor::Model, Option<conversation::Model>)>, DbErr> {
-    with_conversations::<visitor::Entity>(
+) -> Result<Option<Option<conversation::Model>>, DbErr> {
+    if let Some(reader) = reader {
+        match reader.read(|conn| log::sync::visitor_with_open_conversation(conn, visitor_id)) {
+            Ok(found) => return Ok(found),
+            Err(e) => {
+                tracing::warn!(error = %e, "read on the caller's thread failed; asking the pool")
+            }
+        }
+    }
+    let found = with_conversations::<visitor::Entity>(
         visitor_id,
         conversation::Column::VisitorId,
         visitor::Column::Id,
         |status| sea_query::ExprTrait::ne(status, ConversationStatus::Closed.as_str()),
     )
     .one(db)
-    .await
+    .await?;
+    Ok(found.map(|(_, open)| open))
 }
 
-/// The agent, if it still exists, with its active conversations by id: in one query, for the
-/// same reason as [`visitor_with_open_conversation`].
+/// The agent's stored role, if the agent still exists, with its active conversations by id:
+/// what an agent's socket needs before it opens. Read like
+/// [`visitor_with_open_conversation`], and for the same reason.
 pub async fn agent_with_active_conversations(
     db: &impl ConnectionTrait,
+    reader: Option<&SqliteReader>,
     agent_id: i64,
-) -> Result<Option<(agent::Model, Vec<conversation::Model>)>, DbErr> {
+) -> Result<Option<(String, Vec<conversation::Model>)>, DbErr> {
+    if let Some(reader) = reader {
+        match reader.read(|conn| log::sync::agent_with_active_conversations(conn, agent_id)) {
+            Ok(found) => return Ok(found),
+            Err(e) => {
+                tracing::warn!(error = %e, "read on the caller's thread failed; asking the pool")
+            }
+        }
+    }
     let mut rows = with_conversations::<agent::Entity>(
         agent_id,
         conversation::Column::AgentId,
@@ -112,7 +136,7 @@ pub async fn agent_with_active_conversations(
         .into_iter()
         .chain(rows.filter_map(|(_, conv)| conv))
         .collect();
-    Ok(Some((agent, conversations)))
+    Ok(Some((agent.role, conversations)))
 }
 
 /// Opens a queued conversation for a visitor, or returns the open one it already has

@@ -95,7 +95,7 @@ impl AuthAgent {
             .await?
             .ok_or(ApiError::InvalidToken)?;
         Ok(Self {
-            role: agents::stored_role(&agent),
+            role: agents::stored_role(&agent.role),
             name: agent.name,
             id,
             tenant,
@@ -198,7 +198,7 @@ pub async fn login(
     let Some(agent) = agent else {
         return Err(ApiError::InvalidCredentials);
     };
-    let role = agents::stored_role(&agent);
+    let role = agents::stored_role(&agent.role);
     let token = state.tokens.issue(tenant.record.id, agent.id, role);
     tracing::info!(agent_id = agent.id, "agent logged in");
     Ok(HttpResponse::Ok().json(json!({

@@ -100,13 +100,14 @@ pub async fn agent_ws(
     let mut opening = Opening::attach(&req, &state, tenant.record, db.clone(), who).await;
     // Whether the agent still exists, its role (read from storage on every connection, so a
     // demotion takes effect at once) and its active conversations, in one query.
-    let (agent, conversations) = store::agent_with_active_conversations(&db, id)
-        .await
-        .map_err(|e| ApiError::Tenancy(e.into()))?
-        .ok_or(ApiError::InvalidToken)?;
+    let (role, conversations) =
+        store::agent_with_active_conversations(&db, tenant.reader.as_deref(), id)
+            .await
+            .map_err(|e| ApiError::Tenancy(e.into()))?
+            .ok_or(ApiError::InvalidToken)?;
     opening.confirm(Who::Agent {
         id,
-        role: agents::stored_role(&agent),
+        role: agents::stored_role(&role),
     });
     opening.start(session, stream, &conversations);
     Ok(response)
@@ -125,10 +126,9 @@ pub async fn visitor_ws(
     let db = tenant.db;
     let opening =
         Opening::attach(&req, &state, tenant.record, db.clone(), Who::Visitor { id }).await;
-    // Whether the visitor still exists and its open conversation, in one query (each query
-    // is a round trip to the database's thread, the largest cost of opening a connection).
-    // Refused, `opening` detaches the connection as it is dropped.
-    let (_, open) = store::visitor_with_open_conversation(&db, id)
+    // Whether the visitor still exists, and its open conversation. Refused, `opening`
+    // detaches the connection as it is dropped.
+    let open = store::visitor_with_open_conversation(&db, tenant.reader.as_deref(), id)
         .await
         .map_err(|e| ApiError::Tenancy(e.into()))?
         .ok_or(ApiError::InvalidToken)?;

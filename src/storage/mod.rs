@@ -11,21 +11,24 @@
 //! [`crate::tenancy::Tenant`] extractor.
 
 mod pools;
+pub mod reader;
 pub mod secrets;
 pub mod writer;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use migration::{MigratorTrait, PlatformMigrator, TenantMigrator};
 use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
 use sea_orm::{
-    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbErr, SqliteTransactionMode,
-    Statement, TransactionOptions, TransactionTrait,
+    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr,
+    SqliteTransactionMode, Statement, TransactionOptions, TransactionTrait,
 };
 
 use crate::settings::{Settings, TenantPoolSettings};
 pub use pools::TenantPools;
+use reader::SqliteReader;
 
 /// How long a writer waits for SQLite's write lock before giving up. Long enough to ride out
 /// a burst of concurrent writers, short enough that a stuck tenant fails visibly.
@@ -236,18 +239,25 @@ impl Storage {
 
     /// A connection to a tenant's database, opened on first use.
     pub async fn tenant(&self, db_name: &str) -> Result<DatabaseConnection, StorageError> {
+        Ok(self.tenant_db(db_name).await?.conn)
+    }
+
+    /// A tenant's database with its reads on the caller's thread where the backend has them.
+    pub async fn tenant_db(&self, db_name: &str) -> Result<TenantDb, StorageError> {
         let backend = self.backend.clone();
         let connections = self.pools.settings().connections;
         let name = db_name.to_owned();
         self.pools
             .get(db_name, || async move {
-                connect(
+                let conn = connect(
                     &backend,
                     &platform_path_or_name(&backend, &name),
                     connections,
                     false,
                 )
-                .await
+                .await?;
+                let reader = sqlite_file(&conn).map(|path| Arc::new(SqliteReader::new(path)));
+                Ok(TenantDb { conn, reader })
             })
             .await
     }
@@ -279,6 +289,28 @@ pub async fn begin_write<C: TransactionTrait>(db: &C) -> Result<C::Transaction, 
         ..Default::default()
     })
     .await
+}
+
+/// One tenant's database as the pools hold it.
+#[derive(Clone)]
+pub struct TenantDb {
+    pub conn: DatabaseConnection,
+    /// SQLite only: reads on the caller's thread, for the hot paths (see [`reader`]).
+    pub reader: Option<Arc<SqliteReader>>,
+}
+
+/// The file behind a SQLite pool (`None` for PostgreSQL and in-memory databases), for the
+/// connections Kefu opens beside sqlx's: the writer thread's and the readers'.
+pub(crate) fn sqlite_file(db: &DatabaseConnection) -> Option<PathBuf> {
+    // Only pools that `Storage` opened come here, and those are connected; a disconnected
+    // one would panic here as it would on its first query.
+    if db.get_database_backend() != DbBackend::Sqlite {
+        return None;
+    }
+    let opts = db.get_sqlite_connection_pool().connect_options();
+    let path = opts.get_filename();
+    let in_memory = path.as_os_str().is_empty() || path.to_string_lossy().contains(":memory:");
+    (!in_memory).then(|| path.to_owned())
 }
 
 /// For SQLite the file path of a database (platform or tenant), for PostgreSQL its name.

@@ -14,18 +14,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use dashmap::DashMap;
-use sea_orm::DatabaseConnection;
 use tokio::sync::OnceCell;
 // tokio's Instant, so that tests with paused time see pools age.
 use tokio::time::Instant;
 
-use super::StorageError;
+use super::{StorageError, TenantDb};
 use crate::settings::TenantPoolSettings;
 
 /// One tenant's pool, or the promise of one while the first caller opens it.
 struct Slot {
     /// Filled once; concurrent first requests wait for the same open instead of racing.
-    conn: OnceCell<DatabaseConnection>,
+    conn: OnceCell<TenantDb>,
     /// Milliseconds since `TenantPools::epoch` of the last use, for LRU and idle eviction.
     last_used: AtomicU64,
 }
@@ -76,14 +75,10 @@ impl TenantPools {
     }
 
     /// Returns the pool for `db_name`, opening it with `open` on first use.
-    pub async fn get<F, Fut>(
-        &self,
-        db_name: &str,
-        open: F,
-    ) -> Result<DatabaseConnection, StorageError>
+    pub async fn get<F, Fut>(&self, db_name: &str, open: F) -> Result<TenantDb, StorageError>
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<DatabaseConnection, StorageError>>,
+        Fut: Future<Output = Result<TenantDb, StorageError>>,
     {
         // Read lock first: this runs for every request and every write, and the slot is
         // almost always there already.
@@ -166,8 +161,11 @@ mod tests {
     }
 
     /// The pool bookkeeping is what is under test, not the database behind it.
-    async fn open_memory() -> Result<DatabaseConnection, StorageError> {
-        Ok(DatabaseConnection::default())
+    async fn open_memory() -> Result<TenantDb, StorageError> {
+        Ok(TenantDb {
+            conn: sea_orm::DatabaseConnection::default(),
+            reader: None,
+        })
     }
 
     #[tokio::test(flavor = "current_thread", start_paused = true)]

@@ -20,13 +20,12 @@
 //! - PostgreSQL: a task on the async runtime; the hand-offs are network round trips there
 //!   anyway.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use dashmap::DashMap;
-use sea_orm::{DatabaseConnection, DbBackend, TransactionSession};
+use sea_orm::{DatabaseConnection, TransactionSession};
 use tokio::sync::{oneshot, watch};
 
 use crate::conversations::Participant;
@@ -164,7 +163,7 @@ impl Writers {
                 let (done_tx, done) = watch::channel(());
                 let id = self.next_id.fetch_add(1, Ordering::Relaxed);
                 let map = self.inner.clone();
-                let file = sqlite_file(db);
+                let file = super::sqlite_file(db);
                 let messages_only = file.is_some();
                 match file {
                     Some(path) => {
@@ -203,18 +202,6 @@ impl Writers {
 
 /// The file behind a SQLite pool, or `None` for PostgreSQL (or an in-memory SQLite database,
 /// which a second connection would not see).
-fn sqlite_file(db: &DatabaseConnection) -> Option<PathBuf> {
-    // Writers only ever get the tenant pools that `Storage` opened, which are connected; a
-    // disconnected one would panic here as it would on its first query.
-    if db.get_database_backend() != DbBackend::Sqlite {
-        return None;
-    }
-    let opts = db.get_sqlite_connection_pool().connect_options();
-    let path = opts.get_filename();
-    let in_memory = path.as_os_str().is_empty() || path.to_string_lossy().contains(":memory:");
-    (!in_memory).then(|| path.to_owned())
-}
-
 /// A change or read position on its own transaction on the pool (SQLite: beside the writer
 /// thread, see the module documentation).
 async fn write_alone(db: &DatabaseConnection, op: &WriteOp) -> Result<Written, WriteError> {
@@ -661,7 +648,7 @@ mod tests {
 
     /// A tenant file in WAL mode with one table `t (x)`, and a writer connection to it set up
     /// as the server's (automatic checkpoints off).
-    fn tenant_file_and_writer() -> (tempfile::TempDir, PathBuf, rusqlite::Connection) {
+    fn tenant_file_and_writer() -> (tempfile::TempDir, std::path::PathBuf, rusqlite::Connection) {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("tenant.db");
         let setup = rusqlite::Connection::open(&path).expect("create");

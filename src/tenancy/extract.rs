@@ -11,12 +11,16 @@ use super::{DomainName, TenancyError, TenantRecord, TenantStatus};
 use crate::governance::Compartment;
 use crate::http::ApiError;
 use crate::startup::AppState;
+use crate::storage::reader::SqliteReader;
 
 /// The tenant a request is for, with a connection to its own database. Handlers that take a
 /// `Tenant` cannot reach any other tenant's data: they are never given another connection.
 pub struct Tenant {
     pub record: Arc<TenantRecord>,
     pub db: DatabaseConnection,
+    /// The same database's reads on the caller's thread, where the backend has them (SQLite);
+    /// for the few hot reads that [`crate::conversations::store`] routes there.
+    pub reader: Option<Arc<SqliteReader>>,
 }
 
 /// A request's claim on its tenant's database: the breaker that judges the outcome and the
@@ -72,14 +76,18 @@ impl Tenant {
                 _place: place,
             });
         }
-        let db = match state.tenants.storage().tenant(&record.db_name).await {
+        let db = match state.tenants.storage().tenant_db(&record.db_name).await {
             Ok(db) => db,
             Err(e) => {
                 breaker.record(false);
                 return Err(TenancyError::from(e).into());
             }
         };
-        Ok(Self { record, db })
+        Ok(Self {
+            record,
+            db: db.conn,
+            reader: db.reader,
+        })
     }
 }
 

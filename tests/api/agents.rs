@@ -3,6 +3,7 @@ use serde_json::{Value, json};
 
 use crate::helpers::{Api, Backend, TestApp, assert_error, spawn_app};
 use crate::on_both;
+use crate::ws::Ws;
 
 async fn admin_manages_agents_and_teams(backend: Backend) {
     let app = spawn_app(backend).await;
@@ -245,6 +246,13 @@ async fn roles_are_enforced(backend: Backend) {
         "invalid_token",
     )
     .await;
+    // Nor does it open a socket: the socket reads the agent from storage too.
+    assert_eq!(
+        Ws::connect(&app, &t.domain, "/ws/agent", &agent)
+            .await
+            .err(),
+        Some(StatusCode::UNAUTHORIZED)
+    );
 }
 
 async fn the_last_admin_stays(backend: Backend) {

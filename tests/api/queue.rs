@@ -332,8 +332,21 @@ async fn close_by_visitor_frees_the_agent(backend: Backend) {
         visitor.say(c1, "late", "hello?").await["code"],
         "conversation_closed"
     );
+    // A socket opened now is told of no open conversation (the closed one is not listed),
+    // then of the new one only.
+    let reconnected = Ws::connect(&app, &t.domain, "/ws/visitor", &v1.token)
+        .await
+        .unwrap();
+    assert_eq!(reconnected.hello["conversations"], json!([]));
     let again = open_conversation(&app, &t, &v1, None).await;
     assert_ne!(again["conversation_id"], c1);
+    let reconnected = Ws::connect(&app, &t.domain, "/ws/visitor", &v1.token)
+        .await
+        .unwrap();
+    let listed = reconnected.hello["conversations"].as_array().unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["conversation_id"], again["conversation_id"]);
+    assert_eq!(listed[0]["status"], again["status"]);
 }
 
 async fn leaving_or_going_silent_in_the_queue_is_abandonment(backend: Backend) {
