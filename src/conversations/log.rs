@@ -504,7 +504,8 @@ async fn insert(
 /// The SQLite writer thread's append: the same rules as [`append_many`], one message at a time
 /// on a synchronous connection inside the writer's transaction. Each statement is prepared
 /// once per connection and reused (fixed SQL text), and nothing crosses a thread, so a message
-/// costs a few microseconds of SQLite work rather than a round trip per statement.
+/// costs a few microseconds of SQLite work rather than a round trip per statement. Beside it,
+/// for the same reason, the sockets' opening reads on `storage::reader`'s connections.
 pub mod sync {
     use chrono::{DateTime, NaiveDateTime, SecondsFormat, Utc};
     use entity::tenant::{conversation, message};
@@ -521,10 +522,16 @@ pub mod sync {
             "id, conversation_id, seq, client_msg_id, sender_kind, sender_id, content, created_at"
         };
     }
+    // The same list twice, the second qualified by the alias `c` for joins; `conversation_row`
+    // reads either by position.
     macro_rules! conversation_columns {
         () => {
             "id, visitor_id, team_id, status, agent_id, last_seq, queued_at, created_at, \
              assigned_at, closed_at, closed_by, abandoned"
+        };
+        (c) => {
+            "c.id, c.visitor_id, c.team_id, c.status, c.agent_id, c.last_seq, c.queued_at, \
+             c.created_at, c.assigned_at, c.closed_at, c.closed_by, c.abandoned"
         };
     }
     const FIND_RESENT: &str = concat!(
@@ -553,18 +560,22 @@ pub mod sync {
 
     /// The opening query of a visitor's socket (see `store::visitor_with_open_conversation`):
     /// the visitor row joined with its conversation that is not closed, if any (at most one).
-    const VISITOR_WITH_OPEN_CONVERSATION: &str = "SELECT c.id, c.visitor_id, c.team_id, \
-         c.status, c.agent_id, c.last_seq, c.queued_at, c.created_at, c.assigned_at, \
-         c.closed_at, c.closed_by, c.abandoned FROM visitors v LEFT JOIN conversations c \
-         ON c.visitor_id = v.id AND c.status <> 'closed' WHERE v.id = ?1 LIMIT 1";
+    const VISITOR_WITH_OPEN_CONVERSATION: &str = concat!(
+        "SELECT ",
+        conversation_columns!(c),
+        " FROM visitors v LEFT JOIN conversations c ",
+        "ON c.visitor_id = v.id AND c.status <> 'closed' WHERE v.id = ?1 LIMIT 1"
+    );
 
     /// The opening query of an agent's socket (see `store::agent_with_active_conversations`):
     /// its active conversations by id, each row with the agent's role last, or one row of
     /// NULLs and the role for an agent without any.
-    const AGENT_WITH_ACTIVE_CONVERSATIONS: &str = "SELECT c.id, c.visitor_id, c.team_id, \
-         c.status, c.agent_id, c.last_seq, c.queued_at, c.created_at, c.assigned_at, \
-         c.closed_at, c.closed_by, c.abandoned, a.role FROM agents a LEFT JOIN conversations c \
-         ON c.agent_id = a.id AND c.status = 'active' WHERE a.id = ?1 ORDER BY c.id";
+    const AGENT_WITH_ACTIVE_CONVERSATIONS: &str = concat!(
+        "SELECT ",
+        conversation_columns!(c),
+        ", a.role FROM agents a LEFT JOIN conversations c ",
+        "ON c.agent_id = a.id AND c.status = 'active' WHERE a.id = ?1 ORDER BY c.id"
+    );
 
     /// Statements a writer connection keeps prepared: the five of the writer above, with room
     /// to spare (read connections keep their own, `storage::reader`).

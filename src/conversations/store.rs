@@ -84,13 +84,10 @@ pub async fn visitor_with_open_conversation(
     reader: Option<&SqliteReader>,
     visitor_id: i64,
 ) -> Result<Option<Option<conversation::Model>>, DbErr> {
-    if let Some(reader) = reader {
-        match reader.read(|conn| log::sync::visitor_with_open_conversation(conn, visitor_id)) {
-            Ok(found) => return Ok(found),
-            Err(e) => {
-                tracing::warn!(error = %e, "read on the caller's thread failed; asking the pool")
-            }
-        }
+    if let Some(found) = SqliteReader::read_or_defer(reader, |conn| {
+        log::sync::visitor_with_open_conversation(conn, visitor_id)
+    }) {
+        return Ok(found);
     }
     let found = with_conversations::<visitor::Entity>(
         visitor_id,
@@ -111,13 +108,10 @@ pub async fn agent_with_active_conversations(
     reader: Option<&SqliteReader>,
     agent_id: i64,
 ) -> Result<Option<(String, Vec<conversation::Model>)>, DbErr> {
-    if let Some(reader) = reader {
-        match reader.read(|conn| log::sync::agent_with_active_conversations(conn, agent_id)) {
-            Ok(found) => return Ok(found),
-            Err(e) => {
-                tracing::warn!(error = %e, "read on the caller's thread failed; asking the pool")
-            }
-        }
+    if let Some(found) = SqliteReader::read_or_defer(reader, |conn| {
+        log::sync::agent_with_active_conversations(conn, agent_id)
+    }) {
+        return Ok(found);
     }
     let mut rows = with_conversations::<agent::Entity>(
         agent_id,

@@ -48,6 +48,21 @@ impl SqliteReader {
         }
     }
 
+    /// Runs `read` here when there is a reader; `None` tells the caller to ask its pool
+    /// instead (no reader for this backend, or the read failed, which is logged).
+    pub fn read_or_defer<R>(
+        reader: Option<&Self>,
+        read: impl FnOnce(&Connection) -> rusqlite::Result<R>,
+    ) -> Option<R> {
+        match reader?.read(read) {
+            Ok(found) => Some(found),
+            Err(e) => {
+                tracing::warn!(error = %e, "read on the caller's thread failed; asking the pool");
+                None
+            }
+        }
+    }
+
     /// Runs `read` on a connection of this file, on the calling thread.
     pub fn read<R>(
         &self,
