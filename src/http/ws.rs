@@ -109,7 +109,7 @@ pub async fn agent_ws(
         id,
         role: agents::stored_role(&role),
     });
-    opening.start(session, stream, &conversations);
+    opening.start(session, stream, &conversations).await;
     Ok(response)
 }
 
@@ -133,7 +133,7 @@ pub async fn visitor_ws(
         .map_err(|e| ApiError::Tenancy(e.into()))?
         .ok_or(ApiError::InvalidToken)?;
     let conversations: Vec<_> = open.into_iter().collect();
-    opening.start(session, stream, &conversations);
+    opening.start(session, stream, &conversations).await;
     Ok(response)
 }
 
@@ -198,18 +198,30 @@ impl Opening {
     }
 
     /// Sends `hello` with `conversations` and runs the connection in a task of its own.
-    fn start(
+    ///
+    /// `hello` is queued on the session before the handler returns the 101, so the dispatcher
+    /// finds it when it writes the response head and both leave in one write: one `send` and
+    /// one wake-up of the client per connection instead of two (docs/benchmarks.md, "Idle
+    /// connections").
+    async fn start(
         mut self,
-        session: actix_ws::Session,
+        mut session: actix_ws::Session,
         stream: actix_ws::MessageStream,
         conversations: &[conversation::Model],
     ) {
+        let Some((conn, _, _)) = &self.parts else {
+            return;
+        };
+        // A fresh session's queue has room: this does not wait. Should it fail (the client
+        // gone already) or the handler be dropped here, `self` detaches as it is dropped.
+        if session.text(conn.hello(conversations)).await.is_err() {
+            return;
+        }
         let Some((conn, out, alarm)) = self.parts.take() else {
             return;
         };
-        let hello = conn.hello(conversations);
         actix_web::rt::spawn(tracing::Instrument::instrument(
-            conn.run(session, stream, out, alarm, hello),
+            conn.run(session, stream, out, alarm),
             tracing::Span::current(),
         ));
     }
@@ -278,7 +290,6 @@ impl Connection {
         stream: actix_ws::MessageStream,
         mut out: Outbound,
         alarm: Arc<Alarm>,
-        hello: bytestring::ByteString,
     ) {
         let s = self.rt.settings();
         let (heartbeat, idle_timeout, flood_limit) = (
@@ -290,10 +301,6 @@ impl Connection {
             .max_frame_size(s.max_frame_bytes)
             .aggregate_continuations()
             .max_continuation_size(s.max_frame_bytes);
-        if session.text(hello).await.is_err() {
-            self.detach();
-            return;
-        }
         let _open = metrics::global().connection(self.who.conn_kind());
         tracing::debug!(conn = self.conn.id, who = ?self.who, "connection open");
 
