@@ -456,6 +456,44 @@ async fn socket_roles_are_the_stored_ones(backend: Backend) {
     assert_eq!(sup.recv_type("synced").await["conversation_id"], conv);
 }
 
+/// The server's end of a socket sends each frame at once (`TCP_NODELAY`): with Nagle's
+/// algorithm on, a frame written right behind an unacknowledged one (a heartbeat ping) waited
+/// for the client's delayed ACK, 20-45 ms. The option is the server's own and cannot be seen
+/// from the client, so this reads it off the accepted socket, which lives in this process.
+#[actix_web::test]
+async fn sockets_send_frames_without_delay() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let t = app.create_tenant("nodelay").await;
+    let v = new_visitor(&app, &t).await;
+    let _ws = Ws::connect(&app, &t.domain, "/ws/visitor", &v.token)
+        .await
+        .unwrap();
+    let mut accepted = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+        let Ok(fd) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        // SAFETY: the descriptor is open in this process while it is read here; a descriptor
+        // closed meanwhile by another test's thread only makes the calls below fail.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        let sock = socket2::SockRef::from(&fd);
+        let server_end = sock
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .is_some_and(|a| a.port() == app.port)
+            && sock.peer_addr().is_ok();
+        if server_end {
+            accepted.push(sock.tcp_nodelay().unwrap());
+        }
+    }
+    assert!(!accepted.is_empty(), "the accepted socket was not found");
+    assert!(
+        accepted.iter().all(|&on| on),
+        "TCP_NODELAY is off: {accepted:?}"
+    );
+}
+
 on_both!(
     socket_roles_are_the_stored_ones,
     bad_frames_get_error_frames_and_store_nothing,
