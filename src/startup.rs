@@ -115,7 +115,7 @@ impl Application {
         // Frames are small and must leave at once. Without this, Nagle's algorithm holds a
         // frame written while an earlier one is unacknowledged until the client's (delayed,
         // up to 40 ms) ACK: a message right behind a heartbeat ping took 20-45 ms
-        // (docs/benchmarks.md, "Steady").
+        // (docs/benchmarks.md, "The 30–45 ms tail was Nagle's algorithm").
         .tcp_nodelay(true)
         // Signals are ours to handle: WebSockets must be told 1001 before the server stops.
         .disable_signals()

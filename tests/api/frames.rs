@@ -483,8 +483,9 @@ async fn sockets_send_frames_without_delay() {
             .and_then(|a| a.as_socket())
             .is_some_and(|a| a.port() == app.port)
             && sock.peer_addr().is_ok();
-        if server_end {
-            accepted.push(sock.tcp_nodelay().unwrap());
+        // A descriptor closed (and reused) meanwhile by another test's thread fails here.
+        if server_end && let Ok(on) = sock.tcp_nodelay() {
+            accepted.push(on);
         }
     }
     assert!(!accepted.is_empty(), "the accepted socket was not found");
