@@ -473,8 +473,9 @@ async fn sockets_send_frames_without_delay() {
         let Ok(fd) = entry.file_name().to_string_lossy().parse::<i32>() else {
             continue;
         };
-        // SAFETY: the descriptor is open in this process while it is read here; a descriptor
-        // closed meanwhile by another test's thread only makes the calls below fail.
+        // SAFETY: the descriptor is open in this process while it is read here; one closed
+        // (or closed and reused) meanwhile by another test's thread only makes the calls
+        // below fail or describe another socket, which the port check filters out.
         let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
         let sock = socket2::SockRef::from(&fd);
         let server_end = sock
@@ -483,7 +484,6 @@ async fn sockets_send_frames_without_delay() {
             .and_then(|a| a.as_socket())
             .is_some_and(|a| a.port() == app.port)
             && sock.peer_addr().is_ok();
-        // A descriptor closed (and reused) meanwhile by another test's thread fails here.
         if server_end && let Ok(on) = sock.tcp_nodelay() {
             accepted.push(on);
         }
