@@ -402,7 +402,10 @@ impl Handler<Typing> for ConversationActor {
                     Some(p) => Some(p),
                     None => {
                         let db = rt.db(&tenant).await.ok()?;
-                        let c = crate::conversations::store::get(&db, id).await.ok()??;
+                        // Through the pool: a read on this thread would hold every actor on it.
+                        let c = crate::conversations::store::get(&db, None, id)
+                            .await
+                            .ok()??;
                         Some((c.visitor_id, c.agent_id))
                     }
                 }

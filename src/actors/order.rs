@@ -283,7 +283,8 @@ pub fn handle_write<A: OrderedHub>(act: &mut A, w: DeliverWrite, ctx: &mut Conte
             let fetch = async move {
                 let fetch = async {
                     let db = rt.db(&tenant).await.ok()?;
-                    store::messages_after(&db, conversation_id, after, store::MAX_PAGE)
+                    // Through the pool: a read on this thread would hold every actor on it.
+                    store::messages_after(&db, None, conversation_id, after, store::MAX_PAGE)
                         .await
                         .ok()
                 };

@@ -577,6 +577,14 @@ pub mod sync {
         "ON c.agent_id = a.id AND c.status = 'active' WHERE a.id = ?1 ORDER BY c.id"
     );
 
+    /// A page of a conversation's log; on a read connection (`storage::reader`). The limit is
+    /// bound like SeaORM's, which the build's `SQLITE_ENABLE_QPSG` keeps from re-planning.
+    const MESSAGES_AFTER: &str = concat!(
+        "SELECT ",
+        message_columns!(),
+        " FROM messages WHERE conversation_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3"
+    );
+
     /// Statements a writer connection keeps prepared: the five of the writer above, with room
     /// to spare (read connections keep their own, `storage::reader`).
     pub const STATEMENT_CACHE: usize = 16;
@@ -682,6 +690,26 @@ pub mod sync {
             }
         }
         Ok(found)
+    }
+
+    /// A conversation by id; on a read connection (`storage::reader`).
+    pub fn conversation(db: &Connection, id: i64) -> rusqlite::Result<Option<conversation::Model>> {
+        db.prepare_cached(FIND_CONVERSATION)?
+            .query_row(params![id], conversation_row)
+            .optional()
+    }
+
+    /// Messages with `seq > after_seq`, ascending, at most `limit`; on a read connection
+    /// (`storage::reader`).
+    pub fn messages_after(
+        db: &Connection,
+        conversation_id: i64,
+        after_seq: i64,
+        limit: i64,
+    ) -> rusqlite::Result<Vec<message::Model>> {
+        db.prepare_cached(MESSAGES_AFTER)?
+            .query_map(params![conversation_id, after_seq, limit], message_row)?
+            .collect()
     }
 
     fn message_row(r: &Row<'_>) -> rusqlite::Result<message::Model> {

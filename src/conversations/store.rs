@@ -170,7 +170,19 @@ pub async fn open_conversation(
     }
 }
 
-pub async fn get(db: &impl ConnectionTrait, id: i64) -> Result<Option<conversation::Model>, DbErr> {
+/// A conversation by id. Long-poll and `sync` read it on every request; on SQLite it is read
+/// on the caller's thread when a `reader` is given, like the sockets' opening reads, and
+/// through the pool otherwise or should that read fail.
+pub async fn get(
+    db: &impl ConnectionTrait,
+    reader: Option<&SqliteReader>,
+    id: i64,
+) -> Result<Option<conversation::Model>, DbErr> {
+    if let Some(found) =
+        SqliteReader::read_or_defer(reader, |conn| log::sync::conversation(conn, id))
+    {
+        return Ok(found);
+    }
     conversation::Entity::find_by_id(id).one(db).await
 }
 
@@ -208,18 +220,27 @@ pub async fn list(
         .await
 }
 
-/// Messages with `seq > after_seq`, ascending, at most `limit`.
+/// Messages with `seq > after_seq`, ascending, at most `limit`. Read like [`get`]: every
+/// long-poll and every `sync` reads a page, most of them of a message or two.
 pub async fn messages_after(
     db: &impl ConnectionTrait,
+    reader: Option<&SqliteReader>,
     conversation_id: i64,
     after_seq: i64,
     limit: u64,
 ) -> Result<Vec<message::Model>, DbErr> {
+    let limit = limit.min(MAX_PAGE);
+    if let Some(page) = SqliteReader::read_or_defer(reader, |conn| {
+        // At most MAX_PAGE: fits.
+        log::sync::messages_after(conn, conversation_id, after_seq, limit as i64)
+    }) {
+        return Ok(page);
+    }
     message::Entity::find()
         .filter(message::Column::ConversationId.eq(conversation_id))
         .filter(message::Column::Seq.gt(after_seq))
         .order_by_asc(message::Column::Seq)
-        .limit(limit.min(MAX_PAGE))
+        .limit(limit)
         .all(db)
         .await
 }
@@ -240,4 +261,77 @@ pub async fn active(db: &impl ConnectionTrait) -> Result<Vec<conversation::Model
         .filter(conversation::Column::Status.eq(ConversationStatus::Active.as_str()))
         .all(db)
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use migration::{MigratorTrait, TenantMigrator};
+    use sea_orm::{ActiveModelTrait, Database, DatabaseConnection, Set};
+
+    use super::*;
+
+    /// A migrated tenant file with one conversation of three messages, and its reader.
+    async fn tenant_file() -> (tempfile::TempDir, DatabaseConnection, SqliteReader, i64) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("tenant.db");
+        let db = Database::connect(format!("sqlite://{}?mode=rwc", path.display()))
+            .await
+            .expect("connect");
+        TenantMigrator::up(&db, None).await.expect("migrate");
+        let visitor = create_visitor(&db, "v").await.expect("visitor");
+        let (conv, _) = open_conversation(&db, visitor.id, 1)
+            .await
+            .expect("conversation");
+        for seq in 1..=3 {
+            message::ActiveModel {
+                conversation_id: Set(conv.id),
+                seq: Set(seq),
+                client_msg_id: Set(format!("c{seq}")),
+                sender_kind: Set("visitor".into()),
+                sender_id: Set(Some(visitor.id)),
+                content: Set(format!(r#"{{"type":"text","text":"{seq}"}}"#)),
+                created_at: Set(Utc::now()),
+                ..Default::default()
+            }
+            .insert(&db)
+            .await
+            .expect("message");
+        }
+        (dir, db, SqliteReader::new(path), conv.id)
+    }
+
+    /// The reads on the caller's thread must give what the pool gives, row for row, or a
+    /// long-poll or `sync` would answer differently by backend.
+    #[tokio::test]
+    async fn reads_on_the_callers_thread_match_the_pools() {
+        let (_dir, db, reader, id) = tenant_file().await;
+        for id in [id, id + 1] {
+            let pooled = get(&db, None, id).await.expect("pool");
+            assert_eq!(get(&db, Some(&reader), id).await.expect("reader"), pooled);
+        }
+        for (after, limit) in [
+            (0, MAX_PAGE),
+            (1, MAX_PAGE),
+            (0, 2),
+            (3, 10),
+            (0, MAX_PAGE + 1),
+        ] {
+            let pooled = messages_after(&db, None, id, after, limit)
+                .await
+                .expect("pool");
+            let read = messages_after(&db, Some(&reader), id, after, limit)
+                .await
+                .expect("reader");
+            assert_eq!(read, pooled, "after {after}, limit {limit}");
+        }
+        assert_eq!(
+            messages_after(&db, Some(&reader), id, 1, 1)
+                .await
+                .expect("reader")
+                .iter()
+                .map(|m| m.seq)
+                .collect::<Vec<_>>(),
+            [2]
+        );
+    }
 }

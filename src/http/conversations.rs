@@ -59,7 +59,7 @@ async fn readable(
     agent: &AuthAgent,
     id: i64,
 ) -> Result<entity::tenant::conversation::Model, ApiError> {
-    store::get(&agent.tenant.db, id)
+    store::get(&agent.tenant.db, agent.tenant.reader.as_deref(), id)
         .await
         .map_err(|e| ApiError::Tenancy(e.into()))?
         .filter(|c| may_read(who(agent), c))
@@ -89,6 +89,7 @@ pub async fn messages(
     let c = readable(&agent, *id).await?;
     let page = store::messages_after(
         &agent.tenant.db,
+        agent.tenant.reader.as_deref(),
         c.id,
         q.after_seq.max(0),
         q.limit.unwrap_or(store::MAX_PAGE),

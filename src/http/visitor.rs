@@ -202,8 +202,8 @@ pub async fn events(
     id: web::Path<i64>,
     Query(q): Query<EventsQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let db = &visitor.tenant.db;
-    let conv = store::get(db, *id)
+    let (db, reader) = (&visitor.tenant.db, visitor.tenant.reader.as_deref());
+    let conv = store::get(db, reader, *id)
         .await
         .map_err(db_err)?
         .filter(|c| c.visitor_id == visitor.id)
@@ -222,7 +222,7 @@ pub async fn events(
         .realtime
         .hub_listening(visitor.tenant.record.id, None, Some(visitor.id))
         .await;
-    let mut page = store::messages_after(db, conv.id, after, EVENTS_PER_POLL)
+    let mut page = store::messages_after(db, reader, conv.id, after, EVENTS_PER_POLL)
         .await
         .map_err(db_err)?;
     if page.is_empty()
@@ -233,7 +233,7 @@ pub async fn events(
         // sleeps, or a tenant could hold only as many long-polls as the compartment's size.
         TenantCall::leave(&req);
         let _ = tokio::time::timeout(wait, wake).await;
-        page = store::messages_after(db, conv.id, after, EVENTS_PER_POLL)
+        page = store::messages_after(db, reader, conv.id, after, EVENTS_PER_POLL)
             .await
             .map_err(db_err)?;
     }

@@ -33,8 +33,9 @@ use crate::protocol::{
     ClientContent, ClientFrame, ParsedFrame, ServerFrame, error_frame, parse_client_frame,
 };
 use crate::startup::AppState;
+use crate::storage::reader::SqliteReader;
 use crate::storage::writer::WriteOp;
-use crate::tenancy::TenantRecord;
+use crate::tenancy::{Tenant, TenantRecord};
 use crate::trace_context::TraceContext;
 
 /// Longest `client_msg_id`: long enough for a UUID with a prefix, short enough to index.
@@ -91,17 +92,16 @@ pub async fn agent_ws(
     let token = bearer(&req).or(q.token);
     let (tenant, id) = verified(&state, &req, token, TokenKind::Agent).await?;
     let (response, session, stream) = handshake(&req, body)?;
-    let db = tenant.db;
     // The least role until the stored one is read below; no frame is handled before `start`.
     let who = Who::Agent {
         id,
         role: Role::Agent,
     };
-    let mut opening = Opening::attach(&req, &state, tenant.record, db.clone(), who).await;
+    let mut opening = Opening::attach(&req, &state, &tenant, who).await;
     // Whether the agent still exists, its role (read from storage on every connection, so a
     // demotion takes effect at once) and its active conversations, in one query.
     let (role, conversations) =
-        store::agent_with_active_conversations(&db, tenant.reader.as_deref(), id)
+        store::agent_with_active_conversations(&tenant.db, tenant.reader.as_deref(), id)
             .await
             .map_err(|e| ApiError::Tenancy(e.into()))?
             .ok_or(ApiError::InvalidToken)?;
@@ -123,12 +123,10 @@ pub async fn visitor_ws(
     let token = bearer(&req).or(q.token);
     let (tenant, id) = verified(&state, &req, token, TokenKind::Visitor).await?;
     let (response, session, stream) = handshake(&req, body)?;
-    let db = tenant.db;
-    let opening =
-        Opening::attach(&req, &state, tenant.record, db.clone(), Who::Visitor { id }).await;
+    let opening = Opening::attach(&req, &state, &tenant, Who::Visitor { id }).await;
     // Whether the visitor still exists, and its open conversation. Refused, `opening`
     // detaches the connection as it is dropped.
-    let open = store::visitor_with_open_conversation(&db, tenant.reader.as_deref(), id)
+    let open = store::visitor_with_open_conversation(&tenant.db, tenant.reader.as_deref(), id)
         .await
         .map_err(|e| ApiError::Tenancy(e.into()))?
         .ok_or(ApiError::InvalidToken)?;
@@ -158,13 +156,7 @@ struct Opening {
 }
 
 impl Opening {
-    async fn attach(
-        req: &HttpRequest,
-        state: &AppState,
-        tenant: Arc<TenantRecord>,
-        db: DatabaseConnection,
-        who: Who,
-    ) -> Self {
+    async fn attach(req: &HttpRequest, state: &AppState, tenant: &Tenant, who: Who) -> Self {
         // The upgrade request's trace: frames without a `traceparent` of their own continue it.
         let trace = req
             .extensions()
@@ -175,7 +167,6 @@ impl Opening {
             state.realtime.clone(),
             state.limits.clone(),
             tenant,
-            db,
             who,
             trace,
         );
@@ -241,6 +232,8 @@ struct Connection {
     rt: Realtime,
     tenant: Arc<TenantRecord>,
     db: DatabaseConnection,
+    /// Where `sync` reads its replay on SQLite (see `conversations::store::get`).
+    reader: Option<Arc<SqliteReader>>,
     who: Who,
     conn: ConnHandle,
     limiter: DefaultDirectRateLimiter,
@@ -257,8 +250,7 @@ impl Connection {
     fn new(
         rt: Realtime,
         limits: Limits,
-        tenant: Arc<TenantRecord>,
-        db: DatabaseConnection,
+        tenant: &Tenant,
         who: Who,
         trace: TraceContext,
     ) -> (Self, Outbound, Arc<Alarm>) {
@@ -268,8 +260,9 @@ impl Connection {
         (
             Self {
                 rt,
-                tenant,
-                db,
+                tenant: tenant.record.clone(),
+                db: tenant.db.clone(),
+                reader: tenant.reader.clone(),
                 who,
                 conn,
                 limiter,
@@ -506,6 +499,7 @@ impl Connection {
                 let (db, who, conn) = (self.db.clone(), self.who, self.conn.clone());
                 actix_web::rt::spawn(replay(
                     db,
+                    self.reader.clone(),
                     who,
                     conn,
                     conversation_id,
@@ -678,6 +672,7 @@ pub fn may_read(who: Who, c: &entity::tenant::conversation::Model) -> bool {
 /// `sync`: replays everything after `after_seq` from storage, then `synced`.
 async fn replay(
     db: DatabaseConnection,
+    reader: Option<Arc<SqliteReader>>,
     who: Who,
     conn: ConnHandle,
     conversation_id: i64,
@@ -685,7 +680,7 @@ async fn replay(
     reference: Option<Value>,
 ) {
     let r = reference.as_ref();
-    let conv = match store::get(&db, conversation_id).await {
+    let conv = match store::get(&db, reader.as_deref(), conversation_id).await {
         Ok(Some(c)) if may_read(who, &c) => c,
         Ok(_) => {
             conn.push(error_frame(
@@ -706,18 +701,21 @@ async fn replay(
         }
     };
     loop {
-        let page = match store::messages_after(&db, conv.id, after, store::MAX_PAGE).await {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(error = %e, "sync failed");
-                conn.push(error_frame(
-                    r,
-                    "dependency_unavailable",
-                    "storage is unavailable; sync again",
-                ));
-                return;
-            }
-        };
+        let page =
+            match store::messages_after(&db, reader.as_deref(), conv.id, after, store::MAX_PAGE)
+                .await
+            {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(error = %e, "sync failed");
+                    conn.push(error_frame(
+                        r,
+                        "dependency_unavailable",
+                        "storage is unavailable; sync again",
+                    ));
+                    return;
+                }
+            };
         let full = page.len() as u64 == store::MAX_PAGE;
         for m in page {
             after = m.seq;

@@ -5,7 +5,10 @@
 //! where an indexed lookup in SQLite itself takes microseconds. On the path that opens a
 //! visitor's socket that hand-off was more than half of the server's CPU per connection
 //! (docs/benchmarks.md, "Idle connections"). The few reads on such paths run here instead, on a
-//! connection of the same file that the calling thread uses directly.
+//! connection of the same file that the calling thread uses directly: the sockets' opening
+//! reads, and the conversation and page of messages that every long-poll, `sync` and history
+//! request reads (docs/benchmarks.md, "Long-poll"). A page holds at most
+//! `conversations::store::MAX_PAGE` messages, so no read holds the thread for long.
 //!
 //! Blocking the async thread for them is safe because a read in WAL mode never waits for the
 //! writer: it sees the last commit and takes no lock a writer holds. The one wait left is
@@ -28,7 +31,8 @@ const IDLE_READERS: usize = 4;
 /// because it would hold an async thread; past it the caller's async path answers.
 const READ_BUSY_TIMEOUT: Duration = Duration::from_millis(100);
 
-/// Statements each read connection keeps prepared (the opening queries, with room to spare).
+/// Statements each read connection keeps prepared (the sockets' opening queries, a conversation
+/// by id and a page of its messages, with room to spare).
 const STATEMENT_CACHE: usize = 8;
 
 /// A tenant file's read connections, shared by the threads that read it.
