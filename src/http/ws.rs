@@ -690,15 +690,7 @@ async fn replay(
             ));
             return;
         }
-        Err(e) => {
-            tracing::warn!(error = %e, "sync failed");
-            conn.push(error_frame(
-                r,
-                "dependency_unavailable",
-                "storage is unavailable; sync again",
-            ));
-            return;
-        }
+        Err(e) => return sync_failed(&conn, r, &e),
     };
     loop {
         let page =
@@ -706,15 +698,7 @@ async fn replay(
                 .await
             {
                 Ok(p) => p,
-                Err(e) => {
-                    tracing::warn!(error = %e, "sync failed");
-                    conn.push(error_frame(
-                        r,
-                        "dependency_unavailable",
-                        "storage is unavailable; sync again",
-                    ));
-                    return;
-                }
+                Err(e) => return sync_failed(&conn, r, &e),
             };
         let full = page.len() as u64 == store::MAX_PAGE;
         for m in page {
@@ -737,4 +721,14 @@ async fn replay(
         .encode(),
     )
     .await;
+}
+
+/// Storage failed a `sync`: the client is told so and may send it again.
+fn sync_failed(conn: &ConnHandle, reference: Option<&Value>, e: &sea_orm::DbErr) {
+    tracing::warn!(error = %e, "sync failed");
+    conn.push(error_frame(
+        reference,
+        "dependency_unavailable",
+        "storage is unavailable; sync again",
+    ));
 }
