@@ -31,12 +31,13 @@ pub struct AgentActor {
 }
 
 impl AgentActor {
-    pub fn new(rt: Realtime, tenant: Arc<TenantRecord>, id: i64) -> Self {
+    /// Started for a connection, the actor is born with it (see `Realtime::agent_hub_with`).
+    pub fn new(rt: Realtime, tenant: Arc<TenantRecord>, id: i64, conn: Option<ConnHandle>) -> Self {
         Self {
             rt,
             tenant,
             id,
-            conns: Vec::new(),
+            conns: conn.into_iter().collect(),
             status: AgentStatus::Online,
             linger: None,
             order: SeqOrder::default(),
@@ -49,6 +50,11 @@ impl Actor for AgentActor {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(1024);
+        // Born with a connection: what `Attach` does for the first one.
+        if !self.conns.is_empty() {
+            self.rt
+                .agent_presence(&self.tenant, self.id, Some(self.status));
+        }
     }
 
     fn stopped(&mut self, ctx: &mut Context<Self>) {

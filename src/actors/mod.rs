@@ -47,6 +47,7 @@ use crate::storage::writer::Writers;
 use crate::tenancy::{TenancyError, TenantRecord, Tenants};
 use crate::trace_context::TraceContext;
 use agent::AgentActor;
+use conn::ConnHandle;
 use conversation::ConversationActor;
 use queue::{QueueActor, QueueOp, QueueReply};
 use visitor::VisitorActor;
@@ -110,7 +111,7 @@ fn split_frames(payload: &ByteString) -> Arc<[ByteString]> {
 }
 
 /// What a registry lookup found.
-enum Found<A: Actor> {
+pub enum Found<A: Actor> {
     Running(Addr<A>),
     /// Started by this lookup.
     Started(Addr<A>),
@@ -630,37 +631,59 @@ impl Realtime {
 
     /// The agent's hub, started if needed.
     pub fn agent_hub(&self, tenant: &Arc<TenantRecord>, agent_id: i64) -> Addr<AgentActor> {
-        let (rt, t) = (self.clone(), tenant.clone());
-        let make = move || AgentActor::new(rt.clone(), t.clone(), agent_id);
-        match self.start_registered(&self.inner.agents, "agent", (tenant.id, agent_id), make) {
-            Found::Running(running) => running,
-            Found::Started(started) => {
-                self.listen(tenant, subject::agent(tenant.id, agent_id), move |rt, n| {
-                    deliver_here(&rt.inner.agents, "agent", agent_id, n);
-                });
-                started
-            }
+        match self.agent_hub_with(tenant, agent_id, None) {
+            Found::Running(hub) | Found::Started(hub) => hub,
         }
+    }
+
+    /// The agent's hub, started with `conn` already in it if it was not running: a hub that
+    /// has just started cannot be stopping, so the connection needs no `Attach` and no wait
+    /// for its answer (docs/benchmarks.md, "Opening"). A running hub is returned as found.
+    pub fn agent_hub_with(
+        &self,
+        tenant: &Arc<TenantRecord>,
+        agent_id: i64,
+        conn: Option<&ConnHandle>,
+    ) -> Found<AgentActor> {
+        let (rt, t, conn) = (self.clone(), tenant.clone(), conn.cloned());
+        let make = move || AgentActor::new(rt.clone(), t.clone(), agent_id, conn.clone());
+        let found = self.start_registered(&self.inner.agents, "agent", (tenant.id, agent_id), make);
+        if let Found::Started(_) = found {
+            self.listen(tenant, subject::agent(tenant.id, agent_id), move |rt, n| {
+                deliver_here(&rt.inner.agents, "agent", agent_id, n);
+            });
+        }
+        found
     }
 
     /// The visitor's hub, started if needed.
     pub fn visitor_hub(&self, tenant: &Arc<TenantRecord>, visitor_id: i64) -> Addr<VisitorActor> {
-        let (rt, t) = (self.clone(), tenant.clone());
-        let make = move || VisitorActor::new(rt.clone(), t.clone(), visitor_id);
-        let key = (tenant.id, visitor_id);
-        match self.start_registered(&self.inner.visitors, "visitor", key, make) {
-            Found::Running(running) => running,
-            Found::Started(started) => {
-                self.listen(
-                    tenant,
-                    subject::visitor(tenant.id, visitor_id),
-                    move |rt, n| {
-                        deliver_here(&rt.inner.visitors, "visitor", visitor_id, n);
-                    },
-                );
-                started
-            }
+        match self.visitor_hub_with(tenant, visitor_id, None) {
+            Found::Running(hub) | Found::Started(hub) => hub,
         }
+    }
+
+    /// [`Self::agent_hub_with`] for a visitor.
+    pub fn visitor_hub_with(
+        &self,
+        tenant: &Arc<TenantRecord>,
+        visitor_id: i64,
+        conn: Option<&ConnHandle>,
+    ) -> Found<VisitorActor> {
+        let (rt, t, conn) = (self.clone(), tenant.clone(), conn.cloned());
+        let make = move || VisitorActor::new(rt.clone(), t.clone(), visitor_id, conn.clone());
+        let key = (tenant.id, visitor_id);
+        let found = self.start_registered(&self.inner.visitors, "visitor", key, make);
+        if let Found::Started(_) = found {
+            self.listen(
+                tenant,
+                subject::visitor(tenant.id, visitor_id),
+                move |rt, n| {
+                    deliver_here(&rt.inner.visitors, "visitor", visitor_id, n);
+                },
+            );
+        }
+        found
     }
 
     /// Cluster mode: waits until frames published for this agent (or visitor) reach this

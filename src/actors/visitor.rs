@@ -29,12 +29,13 @@ pub struct VisitorActor {
 }
 
 impl VisitorActor {
-    pub fn new(rt: Realtime, tenant: Arc<TenantRecord>, id: i64) -> Self {
+    /// Started for a connection, the actor is born with it (see `Realtime::visitor_hub_with`).
+    pub fn new(rt: Realtime, tenant: Arc<TenantRecord>, id: i64, conn: Option<ConnHandle>) -> Self {
         Self {
             rt,
             tenant,
             id,
-            conns: Vec::new(),
+            conns: conn.into_iter().collect(),
             waiters: Vec::new(),
             linger: None,
             order: SeqOrder::default(),
@@ -72,6 +73,11 @@ impl Actor for VisitorActor {
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(1024);
         self.rearm_linger(ctx);
+        // Born with a connection: what `Attach` does for it.
+        if !self.conns.is_empty() {
+            self.rt.visitor_socket(self.tenant.id, self.id, true);
+            self.presence(Some(true));
+        }
     }
 
     fn stopped(&mut self, ctx: &mut Context<Self>) {

@@ -19,9 +19,9 @@ use tokio::time::Instant;
 use super::ApiError;
 use super::auth::{bearer, verified};
 use crate::accounts::{Role, TokenKind, agents};
-use crate::actors::Realtime;
 use crate::actors::conn::{Alarm, Attach, ConnHandle, Detach, Kill};
 use crate::actors::conversation::{Origin, Submit, Typing};
+use crate::actors::{Found, Realtime};
 use crate::actors::{agent, queue};
 use crate::conversations::log::{Closer, NewMessage};
 use crate::conversations::{
@@ -378,21 +378,19 @@ impl Connection {
     }
 
     async fn attach(&self) {
-        // Twice: the hub found may be stopping right now; the second one is new.
+        // Twice: a running hub may be stopping right now; the second one is new. A hub started
+        // here is born with this connection and needs no `Attach`.
         for _ in 0..2 {
+            let conn = Some(&self.conn);
             let ok = match self.who {
-                Who::Agent { id, .. } => self
-                    .rt
-                    .agent_hub(&self.tenant, id)
-                    .send(Attach(self.conn.clone()))
-                    .await
-                    .is_ok(),
-                Who::Visitor { id } => self
-                    .rt
-                    .visitor_hub(&self.tenant, id)
-                    .send(Attach(self.conn.clone()))
-                    .await
-                    .is_ok(),
+                Who::Agent { id, .. } => match self.rt.agent_hub_with(&self.tenant, id, conn) {
+                    Found::Started(_) => true,
+                    Found::Running(hub) => hub.send(Attach(self.conn.clone())).await.is_ok(),
+                },
+                Who::Visitor { id } => match self.rt.visitor_hub_with(&self.tenant, id, conn) {
+                    Found::Started(_) => true,
+                    Found::Running(hub) => hub.send(Attach(self.conn.clone())).await.is_ok(),
+                },
             };
             if ok {
                 let (agent, visitor) = match self.who {
