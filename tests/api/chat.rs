@@ -7,7 +7,10 @@ use serde_json::{Value, json};
 
 use crate::helpers::{Api, Backend, spawn_app};
 use crate::on_both;
-use crate::ws::{Ws, agent_online, assert_gap_free, history, new_visitor, open_conversation};
+use crate::ws::{
+    Ws, agent_online, assert_gap_free, assigned_conversation, history, new_visitor,
+    open_conversation,
+};
 
 /// Visitor opens, agent is assigned, both talk; acks come only for stored messages and the
 /// other side hears each one.
@@ -280,8 +283,33 @@ async fn every_connection_of_an_agent_receives(backend: Backend) {
     );
 }
 
+/// Every socket of a visitor hears the agent: the first starts the visitor's hub with itself
+/// in it, the others join the running hub, and one tab closing leaves the rest served.
+async fn every_connection_of_a_visitor_receives(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let t = app.create_tenant("visitor-tabs").await;
+    let (mut agent, v, conv) = assigned_conversation(&app, &t, "a@example.com").await;
+    let connect = || Ws::connect(&app, &t.domain, "/ws/visitor", &v.token);
+    let mut tab1 = connect().await.unwrap();
+    let mut tab2 = connect().await.unwrap();
+    agent.say(conv, "a-1", "to both tabs").await;
+    tab1.heard("to both tabs").await;
+    tab2.heard("to both tabs").await;
+
+    tab1.close().await;
+    let mut tab3 = connect().await.unwrap();
+    agent.say(conv, "a-2", "to the open tabs").await;
+    tab2.heard("to the open tabs").await;
+    tab3.heard("to the open tabs").await;
+    // What one tab says reaches the agent and the visitor's other tab.
+    tab2.say(conv, "v-1", "from tab 2").await;
+    agent.heard("from tab 2").await;
+    tab3.heard("from tab 2").await;
+}
+
 on_both!(
     visitor_and_agent_talk,
+    every_connection_of_a_visitor_receives,
     resend_is_idempotent,
     resync_after_disconnect_and_restart,
     concurrent_senders_keep_seq_gap_free,
