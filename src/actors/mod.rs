@@ -647,13 +647,14 @@ impl Realtime {
     ) -> Found<AgentActor> {
         let (rt, t, conn) = (self.clone(), tenant.clone(), conn.cloned());
         let make = move || AgentActor::new(rt.clone(), t.clone(), agent_id, conn.clone());
-        let found = self.start_registered(&self.inner.agents, "agent", (tenant.id, agent_id), make);
-        if let Found::Started(_) = found {
-            self.listen(tenant, subject::agent(tenant.id, agent_id), move |rt, n| {
-                deliver_here(&rt.inner.agents, "agent", agent_id, n);
-            });
-        }
-        found
+        self.hub(
+            tenant,
+            "agent",
+            agent_id,
+            |i| &i.agents,
+            subject::agent,
+            make,
+        )
     }
 
     /// The visitor's hub, started if needed.
@@ -672,16 +673,37 @@ impl Realtime {
     ) -> Found<VisitorActor> {
         let (rt, t, conn) = (self.clone(), tenant.clone(), conn.cloned());
         let make = move || VisitorActor::new(rt.clone(), t.clone(), visitor_id, conn.clone());
-        let key = (tenant.id, visitor_id);
-        let found = self.start_registered(&self.inner.visitors, "visitor", key, make);
+        self.hub(
+            tenant,
+            "visitor",
+            visitor_id,
+            |i| &i.visitors,
+            subject::visitor,
+            make,
+        )
+    }
+
+    /// An agent's or visitor's hub in `hubs`, started with `make` if none runs; a hub started
+    /// here listens for other nodes' notices on its `subject`.
+    fn hub<A>(
+        &self,
+        tenant: &Arc<TenantRecord>,
+        kind: &'static str,
+        id: i64,
+        hubs: fn(&Inner) -> &DashMap<Key, Addr<A>>,
+        subject: fn(i64, i64) -> String,
+        make: impl Fn() -> A + Clone + Send + 'static,
+    ) -> Found<A>
+    where
+        A: Actor<Context = actix::Context<A>>
+            + actix::Handler<conn::Deliver>
+            + actix::Handler<order::DeliverWrite>,
+    {
+        let found = self.start_registered(hubs(&self.inner), kind, (tenant.id, id), make);
         if let Found::Started(_) = found {
-            self.listen(
-                tenant,
-                subject::visitor(tenant.id, visitor_id),
-                move |rt, n| {
-                    deliver_here(&rt.inner.visitors, "visitor", visitor_id, n);
-                },
-            );
+            self.listen(tenant, subject(tenant.id, id), move |rt, n| {
+                deliver_here(hubs(&rt.inner), kind, id, n);
+            });
         }
         found
     }
