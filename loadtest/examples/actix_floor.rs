@@ -18,9 +18,8 @@
 //!     --visitors 19000 --sources 4 --procs 2 --hold 20s --server-pid $! --spawn-baseline
 //! ```
 
-use std::time::Duration;
-
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
 
 use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
 use anyhow::{Result, bail};
