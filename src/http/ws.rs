@@ -733,23 +733,25 @@ fn sync_failed(conn: &ConnHandle, reference: Option<&Value>, e: &sea_orm::DbErr)
 
 #[cfg(test)]
 mod tests {
-    /// Every socket's connection buffers come from the actix-http in `vendor/`, patched to 2 KiB
-    /// each (vendor/README.md): about 4 KB of resident memory per idle WebSocket. An update
-    /// of actix-web that needs another actix-http would make cargo skip the patch with only a
-    /// warning and quietly bring the published crate, and its 8 KiB buffers, back.
+    /// Every socket's connection buffers and frame queue come from the actix-http and actix-ws
+    /// in `vendor/`, patched for memory (vendor/README.md): about 6 KB of resident memory per
+    /// idle WebSocket. An update that needs another version of either would make cargo skip
+    /// the patch with only a warning and quietly bring the published crate back.
     #[test]
-    fn actix_http_is_the_patched_one_in_vendor() {
+    fn actix_http_and_actix_ws_are_the_patched_ones_in_vendor() {
         let lock = include_str!("../../Cargo.lock");
-        let entries: Vec<&str> = lock
-            .split("[[package]]")
-            .filter(|p| p.contains("\nname = \"actix-http\"\n"))
-            .collect();
-        assert!(!entries.is_empty(), "Cargo.lock lists no actix-http");
-        for entry in entries {
-            assert!(
-                !entry.contains("source = "),
-                "actix-http comes from a registry, not from vendor/actix-http:{entry}"
-            );
+        for name in ["actix-http", "actix-ws"] {
+            let entries: Vec<&str> = lock
+                .split("[[package]]")
+                .filter(|p| p.contains(&format!("\nname = \"{name}\"\n")))
+                .collect();
+            assert!(!entries.is_empty(), "Cargo.lock lists no {name}");
+            for entry in entries {
+                assert!(
+                    !entry.contains("source = "),
+                    "{name} comes from a registry, not from vendor/{name}:{entry}"
+                );
+            }
         }
     }
 }
