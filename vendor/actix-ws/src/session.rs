@@ -273,13 +273,13 @@ impl Sink<Message> for Session {
 #[cfg(test)]
 mod tests {
     use actix_http::ws::Message;
-    use futures_util::SinkExt;
+    use futures_util::{SinkExt, StreamExt as _};
 
     use super::Session;
 
     #[tokio::test]
     async fn session_implements_sink() {
-        let (tx, mut rx) = tokio::sync::mpsc::channel(8);
+        let (tx, mut rx) = futures_channel::mpsc::channel(8);
         let mut session = Session::new(tx);
 
         session
@@ -287,7 +287,7 @@ mod tests {
             .await
             .unwrap();
 
-        match rx.recv().await {
+        match rx.next().await {
             Some(Message::Text(msg)) => {
                 let text: &str = msg.as_ref();
                 assert_eq!(text, "hello from sink");
@@ -298,26 +298,26 @@ mod tests {
 
     #[tokio::test]
     async fn sink_close_closes_all_clones() {
-        let (tx, mut rx) = tokio::sync::mpsc::channel(8);
+        let (tx, mut rx) = futures_channel::mpsc::channel(8);
         let mut session = Session::new(tx);
         let mut clone = session.clone();
 
         SinkExt::close(&mut session).await.unwrap();
         assert!(clone.text("should fail").await.is_err());
 
-        assert!(rx.recv().await.is_none());
+        assert!(rx.next().await.is_none());
     }
 
     #[tokio::test]
     async fn close_sends_close_frame_and_closes_all_clones() {
-        let (tx, mut rx) = tokio::sync::mpsc::channel(8);
+        let (tx, mut rx) = futures_channel::mpsc::channel(8);
         let session = Session::new(tx);
         let mut clone = session.clone();
 
         session.close(None).await.unwrap();
         assert!(clone.text("should fail").await.is_err());
 
-        match rx.recv().await {
+        match rx.next().await {
             Some(Message::Close(None)) => {}
             other => panic!("expected close frame, got: {other:?}"),
         }

@@ -319,6 +319,7 @@ pub(crate) mod tests {
 
     use actix_http::{error::PayloadError, ws::ProtocolError};
     use futures_core::Stream;
+    use futures_util::SinkExt as _;
     use tokio::sync::{
         mpsc::{Receiver, Sender},
         oneshot,
@@ -532,7 +533,7 @@ pub(crate) mod tests {
         }
 
         std::future::poll_fn(move |cx| {
-            let (_tx, rx) = tokio::sync::mpsc::channel(1);
+            let (_tx, rx) = futures_channel::mpsc::channel::<Message>(1);
             let (connection_closed_tx, connection_closed_rx) = oneshot::channel();
 
             let response_body =
@@ -568,7 +569,7 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn stream_produces_bytes_from_messages() {
         std::future::poll_fn(move |cx| {
-            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            let (mut tx, rx) = futures_channel::mpsc::channel(1);
 
             let stream = StreamingBody::new(rx);
 
@@ -609,7 +610,7 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn stream_processes_many_consecutive_messages() {
         std::future::poll_fn(move |cx| {
-            let (tx, rx) = tokio::sync::mpsc::channel(3);
+            let (mut tx, rx) = futures_channel::mpsc::channel(3);
 
             let stream = StreamingBody::new(rx);
 
@@ -646,7 +647,7 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn stream_closes_after_close_message_even_if_sender_alive() {
         std::future::poll_fn(move |cx| {
-            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            let (mut tx, rx) = futures_channel::mpsc::channel(1);
 
             let stream = StreamingBody::new(rx);
             let mut stream = std::pin::pin!(stream);
@@ -682,7 +683,7 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn stream_closes() {
         std::future::poll_fn(move |cx| {
-            let (tx, rx) = tokio::sync::mpsc::channel(3);
+            let (tx, rx) = futures_channel::mpsc::channel::<Message>(3);
 
             drop(tx);
             let stream = StreamingBody::new(rx);
@@ -706,7 +707,7 @@ pub(crate) mod tests {
         use actix_http::ws::{CloseCode, CloseReason, Frame};
         use futures_util::StreamExt as _;
 
-        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let (mut tx, rx) = futures_channel::mpsc::channel(1);
         let mut stream = StreamingBody::new(rx);
 
         let reason = CloseReason {
@@ -748,7 +749,7 @@ pub(crate) mod tests {
         use actix_http::ws::{CloseCode, CloseReason, Frame};
         use futures_util::StreamExt as _;
 
-        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let (mut tx, rx) = futures_channel::mpsc::channel(1);
         let mut stream = StreamingBody::new(rx);
 
         // Create a reason where truncating at 123 bytes would split a multi-byte UTF-8 character.
@@ -792,7 +793,7 @@ pub(crate) mod tests {
         use actix_http::ws::Frame;
         use futures_util::StreamExt as _;
 
-        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let (mut tx, rx) = futures_channel::mpsc::channel(1);
         let mut stream = StreamingBody::new(rx);
 
         let payload = Bytes::from(vec![0xAA; 200]);
@@ -829,7 +830,7 @@ pub(crate) mod tests {
         use actix_http::ws::Frame;
         use futures_util::StreamExt as _;
 
-        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let (mut tx, rx) = futures_channel::mpsc::channel(1);
         let mut stream = StreamingBody::new(rx);
 
         let payload = Bytes::from(vec![0xBB; 200]);
