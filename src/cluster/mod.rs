@@ -94,8 +94,9 @@ struct Inner {
     listeners: DashMap<String, Listener>,
     /// Queue leases held by this node.
     leases: Leases,
-    /// Where this node's cluster tasks run (the server's main runtime, which outlives every
-    /// actor and HTTP worker).
+    /// Where this node's cluster tasks run: the runtime `connect` was called on, which is
+    /// also where the client's own connection task runs (`startup` calls it on the first actor
+    /// thread, so notices reach and leave the actors without a thread hop).
     runtime: tokio::runtime::Handle,
 }
 

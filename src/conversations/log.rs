@@ -215,7 +215,10 @@ pub async fn append_many(
 /// before the `UPDATE` touches any row (an init plan): every row is locked, in id order, first.
 /// `c.id = ANY(…)` keeps the `UPDATE` on the primary key in the generic plan a prepared
 /// statement ends up with (it does not know the arrays' length and would scan the table).
-fn append_sql() -> &'static str {
+/// The re-send lookup is a `LATERAL` subquery for the same reason: it is a lookup in the
+/// unique index per message whatever the plan, never a join over the whole `messages` table
+/// (the writer plans this statement once, see `storage::writer::postgres_writer_connection`).
+pub fn append_sql() -> &'static str {
     static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
         use sea_orm::{IdenStatic, Iterable};
         let columns = |table: &str, prefix: &str, names: Vec<&'static str>| {
@@ -241,7 +244,11 @@ fn append_sql() -> &'static str {
                      AS v(conversation_id, client_msg_id, sender_kind, sender_id, content)
              ),
              resent AS (
-                 SELECT m.* FROM messages m JOIN v USING (conversation_id, client_msg_id)
+                 SELECT m.* FROM v CROSS JOIN LATERAL (
+                     SELECT * FROM messages m
+                     WHERE m.conversation_id = v.conversation_id
+                       AND m.client_msg_id = v.client_msg_id
+                 ) m
              ),
              locked AS (
                  SELECT id FROM conversations WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE

@@ -18,7 +18,8 @@
 //!   crosses its threshold and hold every queued message behind the copy and its `fsync` (the
 //!   benchmark's p99 tail); a [`Checkpointer`] thread does it beside the writer instead.
 //! - PostgreSQL: a task on the async runtime; the hand-offs are network round trips there
-//!   anyway.
+//!   anyway. It has a connection of its own that plans each statement once
+//!   (`storage::writer_connection`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -181,10 +182,16 @@ impl Writers {
                         }
                     }
                     None => {
-                        let db = db.clone();
+                        let own = super::writer_connection(db);
+                        let db = own.clone().unwrap_or_else(|| db.clone());
                         let shared = self.shared;
                         tokio::spawn(async move {
-                            run(tenant_id, id, db, rx, map, shared).await;
+                            run(tenant_id, id, db.clone(), rx, map, shared).await;
+                            if own.is_some() {
+                                // Its connection is this writer's alone: close it now rather
+                                // than when the pool's idle timer notices.
+                                let _ = db.close().await;
+                            }
                             drop(done_tx);
                         });
                     }

@@ -1061,3 +1061,48 @@ async fn lock_order_case(
     assert!(b_free.is_ok(), "the batch locked B before A: {b_free:?}");
     assert!(first.is_ok() && second.is_ok(), "{first:?} {second:?}");
 }
+
+/// A tenant's writer on PostgreSQL plans its statement once, on its first batch, and keeps
+/// that generic plan for the connection's life (`storage::writer_connection`). A new tenant's
+/// tables are nearly empty when that happens, and a plan that scans them whole would be kept
+/// while they grow to millions of rows: the plan must find every row by key.
+#[actix_web::test]
+async fn the_writers_one_plan_finds_rows_by_key_on_a_new_tenants_tables() {
+    use sea_orm::{ConnectionTrait, DbBackend, Statement};
+
+    let app = crate::helpers::spawn_app(crate::helpers::Backend::Postgres).await;
+    let t = app.create_tenant("writerplan").await;
+    let storage = app.state.tenants.storage();
+    let db = storage
+        .tenant(&storage.tenant_db_name(&t.slug))
+        .await
+        .unwrap();
+    let writer = kefu::storage::writer_connection(&db).expect("a PostgreSQL tenant");
+    // One connection: the statement prepared here is the one explained below.
+    writer
+        .execute_unprepared(&format!(
+            "PREPARE append(bigint[], text[], text[], bigint[], text[], timestamptz) AS {}",
+            kefu::conversations::log::append_sql()
+        ))
+        .await
+        .unwrap();
+    let rows = writer
+        .query_all_raw(Statement::from_string(
+            DbBackend::Postgres,
+            "EXPLAIN EXECUTE append('{1,2}', '{a,b}', '{visitor,agent}', '{1,2}', '{x,y}', now())",
+        ))
+        .await
+        .unwrap();
+    let plan: Vec<String> = rows
+        .iter()
+        .map(|r| r.try_get::<String>("", "QUERY PLAN").unwrap())
+        .collect();
+    let plan = plan.join("\n");
+    assert!(plan.contains("$1"), "not a generic plan:\n{plan}");
+    assert!(!plan.contains("Seq Scan"), "a table scanned whole:\n{plan}");
+    assert!(
+        plan.contains("Index Scan using uq_messages_client_msg_id on messages"),
+        "re-sends not looked up by key:\n{plan}"
+    );
+    writer.close().await.unwrap();
+}
