@@ -217,7 +217,7 @@ pub async fn append_many(
 /// statement ends up with (it does not know the arrays' length and would scan the table).
 /// The re-send lookup is a `LATERAL` subquery for the same reason: it is a lookup in the
 /// unique index per message whatever the plan, never a join over the whole `messages` table
-/// (the writer plans this statement once, see `storage::writer::postgres_writer_connection`).
+/// (the writer plans this statement once, see `storage::writer_connection`).
 pub fn append_sql() -> &'static str {
     static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
         use sea_orm::{IdenStatic, Iterable};
