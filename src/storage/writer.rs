@@ -182,12 +182,14 @@ impl Writers {
                         }
                     }
                     None => {
-                        let own = super::writer_connection(db);
-                        let db = own.clone().unwrap_or_else(|| db.clone());
+                        let (db, own) = match super::writer_connection(db) {
+                            Some(own) => (own, true),
+                            None => (db.clone(), false),
+                        };
                         let shared = self.shared;
                         tokio::spawn(async move {
                             run(tenant_id, id, db.clone(), rx, map, shared).await;
-                            if own.is_some() {
+                            if own {
                                 // Its connection is this writer's alone: close it now rather
                                 // than when the pool's idle timer notices.
                                 let _ = db.close().await;
