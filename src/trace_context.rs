@@ -35,7 +35,7 @@ impl TraceContext {
     /// A new trace (nothing came in with one).
     pub fn root() -> Self {
         Self {
-            trace_id: uuid::Uuid::new_v4().simple().to_string(),
+            trace_id: format!("{:032x}", nonzero_random::<u128>()),
             span_id: new_span_id(),
         }
     }
@@ -55,8 +55,24 @@ impl TraceContext {
 }
 
 fn new_span_id() -> String {
-    let id = uuid::Uuid::new_v4().simple().to_string();
-    id[..16].to_owned()
+    format!("{:016x}", nonzero_random::<u64>())
+}
+
+/// A random id from the thread's generator (seeded from the OS once, then in user space): a
+/// span id is made for every message, and `Uuid::new_v4` asked the kernel each time (one
+/// `getrandom` call per message). Trace and span ids must be unique, not secret. W3C
+/// forbids the all-zero id, hence the loop (it runs once but for one draw in 2^64).
+fn nonzero_random<T>() -> T
+where
+    T: Default + PartialEq,
+    rand::distributions::Standard: rand::distributions::Distribution<T>,
+{
+    loop {
+        let id: T = rand::random();
+        if id != T::default() {
+            return id;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -87,5 +103,15 @@ mod tests {
             assert_eq!(TraceContext::parse(bad), None, "{bad}");
         }
         assert_eq!(TraceContext::root().trace_id.len(), 32);
+    }
+
+    #[test]
+    fn new_traces_and_spans_are_valid_and_distinct() {
+        let a = TraceContext::root();
+        let b = TraceContext::root();
+        assert_eq!(TraceContext::parse(&a.header()), Some(a.clone()));
+        assert_ne!(a.trace_id, b.trace_id);
+        assert_eq!(a.span_id.len(), 16);
+        assert_ne!(a.child().span_id, a.child().span_id);
     }
 }
