@@ -37,6 +37,10 @@ const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a caller waits for a pooled connection before the request fails.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A pooled connection unused this long is closed: a quiet tenant gives its connections (and
+/// the database server's slots) back instead of holding them for good.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// PostgreSQL limits identifiers to 63 bytes; a tenant database is named
 /// `<platform>_<slug>` with slugs of at most 32 bytes, which leaves 30 for the platform name.
 const MAX_PLATFORM_DB_NAME: usize = 30;
@@ -397,7 +401,7 @@ pub fn writer_connection(db: &DatabaseConnection) -> Option<DatabaseConnection> 
         .max_connections(1)
         .min_connections(0)
         .acquire_timeout(ACQUIRE_TIMEOUT)
-        .idle_timeout(Duration::from_secs(60))
+        .idle_timeout(POOL_IDLE_TIMEOUT)
         .connect_lazy_with(options);
     Some(sea_orm::SqlxPostgresConnector::from_sqlx_postgres_pool(
         pool,
@@ -442,7 +446,7 @@ async fn connect(
     opts.max_connections(max_connections)
         .min_connections(0)
         .acquire_timeout(ACQUIRE_TIMEOUT)
-        .idle_timeout(Duration::from_secs(60))
+        .idle_timeout(POOL_IDLE_TIMEOUT)
         .sqlx_logging(false);
     Ok(Database::connect(opts).await?)
 }
