@@ -10,6 +10,7 @@
 //! Handlers never come here directly: they get their tenant's connection from the
 //! [`crate::tenancy::Tenant`] extractor.
 
+pub mod held;
 mod pools;
 pub mod reader;
 pub mod secrets;
@@ -27,6 +28,7 @@ use sea_orm::{
 };
 
 use crate::settings::{Settings, TenantPoolSettings};
+pub use held::HeldConnection;
 pub use pools::TenantPools;
 use reader::SqliteReader;
 
@@ -372,9 +374,9 @@ async fn create_database(backend: &Backend, name: &str) -> Result<(), StorageErr
     }
 }
 
-/// PostgreSQL: a pool of one connection of its own for a tenant's writer
-/// (`storage::writer`), beside the tenant's pool; `None` for SQLite. The writer runs the same
-/// few statements thousands of times a second, and planning each run afresh
+/// PostgreSQL: a connection of its own for a tenant's writer (`storage::writer`), beside the
+/// tenant's pool and outside it ([`held`] says why); `None` for SQLite. The writer runs the
+/// same few statements thousands of times a second, and planning each run afresh
 /// (`force_custom_plan`, see [`connect`]) was about 40 % of its statement's time in
 /// PostgreSQL (docs/benchmarks.md, "Cross-node"). This connection plans each statement once
 /// (`force_generic_plan`) and with sequential scans off, so that the one plan is made of
@@ -384,9 +386,8 @@ async fn create_database(backend: &Backend, name: &str) -> Result<(), StorageErr
 /// old join scanned `messages` whole, and so did a `LATERAL` lookup with sequential scans
 /// allowed (the test `the_writers_one_plan_finds_rows_by_key_on_a_new_tenants_tables`).
 /// Measured at 4,000 msg/s on one node: PostgreSQL's CPU 0.63 → 0.42 cores, p99 17 → 5 ms.
-/// Lazy: it connects on the writer's first statement, and closes when the writer ends.
-pub fn writer_connection(db: &DatabaseConnection) -> Option<DatabaseConnection> {
-    use sea_orm::sqlx::postgres::PgPoolOptions;
+/// Lazy: it connects on the writer's first statement, and the writer closes it when it ends.
+pub fn writer_connection(db: &DatabaseConnection) -> Option<HeldConnection> {
     if db.get_database_backend() != DbBackend::Postgres {
         return None;
     }
@@ -397,15 +398,7 @@ pub fn writer_connection(db: &DatabaseConnection) -> Option<DatabaseConnection> 
         ("plan_cache_mode", "force_generic_plan"),
         ("enable_seqscan", "off"),
     ]);
-    let pool = PgPoolOptions::new()
-        .max_connections(1)
-        .min_connections(0)
-        .acquire_timeout(ACQUIRE_TIMEOUT)
-        .idle_timeout(POOL_IDLE_TIMEOUT)
-        .connect_lazy_with(options);
-    Some(sea_orm::SqlxPostgresConnector::from_sqlx_postgres_pool(
-        pool,
-    ))
+    Some(HeldConnection::new(options))
 }
 
 /// Opens a pool on one database. `path_or_name` is a file path (SQLite) or a database name

@@ -18,17 +18,18 @@
 //!   crosses its threshold and hold every queued message behind the copy and its `fsync` (the
 //!   benchmark's p99 tail); a [`Checkpointer`] thread does it beside the writer instead.
 //! - PostgreSQL: a task on the async runtime; the hand-offs are network round trips there
-//!   anyway. It has a connection of its own that plans each statement once
-//!   (`storage::writer_connection`).
+//!   anyway. It has a connection of its own, held outside any pool, that plans each
+//!   statement once (`storage::writer_connection`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use dashmap::DashMap;
-use sea_orm::{DatabaseConnection, TransactionSession};
+use sea_orm::{ConnectionTrait, DatabaseConnection, TransactionSession};
 use tokio::sync::{oneshot, watch};
 
+use super::HeldConnection;
 use crate::conversations::Participant;
 use crate::conversations::log::{self, Change, NewMessage, WriteError, Written};
 
@@ -182,17 +183,16 @@ impl Writers {
                         }
                     }
                     None => {
-                        let (db, own) = match super::writer_connection(db) {
-                            Some(own) => (own, true),
-                            None => (db.clone(), false),
+                        let db = match super::writer_connection(db) {
+                            Some(own) => Db::Held(Box::new(own)),
+                            None => Db::Pool(db.clone()),
                         };
                         let shared = self.shared;
                         tokio::spawn(async move {
-                            run(tenant_id, id, db.clone(), rx, map, shared).await;
-                            if own {
-                                // Its connection is this writer's alone: close it now rather
-                                // than when the pool's idle timer notices.
-                                let _ = db.close().await;
+                            run(tenant_id, id, &db, rx, map, shared).await;
+                            if let Db::Held(own) = &db {
+                                // This writer's alone: closed now, not left to the server.
+                                own.close().await;
                             }
                             drop(done_tx);
                         });
@@ -484,10 +484,18 @@ fn answer<E: std::fmt::Display>(
     }
 }
 
+/// What the async writer writes through.
+enum Db {
+    /// PostgreSQL: the writer's own connection (`storage::writer_connection`).
+    Held(Box<HeldConnection>),
+    /// An in-memory SQLite database, which only its pool's connection sees.
+    Pool(DatabaseConnection),
+}
+
 async fn run(
     tenant_id: i64,
     id: u64,
-    db: DatabaseConnection,
+    db: &Db,
     rx: flume::Receiver<Job>,
     map: Arc<DashMap<i64, Writer>>,
     shared: bool,
@@ -504,14 +512,14 @@ async fn run(
                 {
                     batch.push(job);
                     batch.extend(rx.try_iter().take(MAX_BATCH - 1));
-                    write_batch(&db, &mut batch, shared).await;
+                    write_batch(db, &mut batch, shared).await;
                 }
                 break;
             }
         };
         batch.push(first);
         batch.extend(rx.try_iter().take(MAX_BATCH - 1));
-        write_batch(&db, &mut batch, shared).await;
+        write_batch(db, &mut batch, shared).await;
     }
     tracing::debug!(tenant_id, "conversation writer ended");
 }
@@ -520,7 +528,7 @@ async fn run(
 /// conversation: each conversation actor has one write in flight) are appended together;
 /// changes and read positions follow one by one. Any storage error fails the whole batch and
 /// nothing of it is acknowledged: the transaction rolls back, so no `seq` is left behind.
-async fn write_batch(db: &DatabaseConnection, batch: &mut Vec<Job>, shared: bool) {
+async fn write_batch(db: &Db, batch: &mut Vec<Job>, shared: bool) {
     // Another node may insert the same `client_msg_id` between this batch's re-send lookup
     // and its insert (cluster mode, PostgreSQL). The unique index refuses it and the batch
     // rolls back; run it again once, and the lookup then finds that copy and answers it as
@@ -540,7 +548,7 @@ async fn write_batch(db: &DatabaseConnection, batch: &mut Vec<Job>, shared: bool
 
 /// One attempt at a batch: every result, or the storage error that rolled it all back.
 async fn try_batch(
-    db: &DatabaseConnection,
+    db: &Db,
     batch: &[Job],
     shared: bool,
 ) -> Result<Vec<Result<Written, WriteError>>, sea_orm::DbErr> {
@@ -556,11 +564,46 @@ async fn try_batch(
     if let Some(msgs) = messages
         && distinct(msgs.iter().map(|m| m.conversation_id))
     {
-        return log::append_many(db, &msgs).await;
+        return match db {
+            Db::Held(c) => log::append_many(c.as_ref(), &msgs).await,
+            Db::Pool(c) => log::append_many(c, &msgs).await,
+        };
     }
-    let txn = crate::storage::begin_write(db).await?;
+    match db {
+        Db::Held(c) => {
+            let c = c.as_ref();
+            c.execute_unprepared("BEGIN").await?;
+            match batch_in_transaction(c, batch, shared).await {
+                Ok(results) => {
+                    c.execute_unprepared("COMMIT").await?;
+                    Ok(results)
+                }
+                Err(e) => {
+                    // A failed statement leaves the transaction aborted: end it before the
+                    // next batch.
+                    c.rollback().await;
+                    Err(e)
+                }
+            }
+        }
+        Db::Pool(c) => {
+            let txn = crate::storage::begin_write(c).await?;
+            let results = batch_in_transaction(&txn, batch, shared).await?;
+            TransactionSession::commit(txn).await?;
+            Ok(results)
+        }
+    }
+}
+
+/// A batch that is not only messages of distinct conversations, inside a transaction the
+/// caller opened and ends.
+async fn batch_in_transaction(
+    txn: &impl sea_orm::ConnectionTrait,
+    batch: &[Job],
+    shared: bool,
+) -> Result<Vec<Result<Written, WriteError>>, sea_orm::DbErr> {
     if shared {
-        lock_in_order(&txn, batch).await?;
+        lock_in_order(txn, batch).await?;
     }
     let mut results: Vec<Option<Result<Written, WriteError>>> =
         batch.iter().map(|_| None).collect();
@@ -582,7 +625,7 @@ async fn try_batch(
         };
     for round in rounds {
         let msgs: Vec<&NewMessage> = round.iter().map(|(_, m)| *m).collect();
-        for ((i, _), r) in round.iter().zip(log::append_many(&txn, &msgs).await?) {
+        for ((i, _), r) in round.iter().zip(log::append_many(txn, &msgs).await?) {
             results[*i] = Some(r);
         }
     }
@@ -590,13 +633,12 @@ async fn try_batch(
         if matches!(job.op, WriteOp::Message(_)) {
             continue;
         }
-        let result = apply_state(&txn, &job.op).await;
+        let result = apply_state(txn, &job.op).await;
         if let Err(WriteError::Storage(e)) = result {
             return Err(e);
         }
         results[i] = Some(result);
     }
-    TransactionSession::commit(txn).await?;
     Ok(results
         .into_iter()
         .map(|r| r.unwrap_or(Err(WriteError::Unavailable)))
