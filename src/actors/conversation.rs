@@ -94,13 +94,10 @@ impl ConversationActor {
             ..write.clone()
         };
         let tenant = self.tenant.id;
-        let visitor = Participant::Visitor(conv.visitor_id);
+        let to_visitor = with_ack(Participant::Visitor(conv.visitor_id));
+        let to_agent = conv.agent_id.map(|a| (a, with_ack(Participant::Agent(a))));
         self.rt
-            .write_to_visitor(tenant, conv.visitor_id, with_ack(visitor), trace);
-        if let Some(a) = conv.agent_id {
-            self.rt
-                .write_to_agent(tenant, a, with_ack(Participant::Agent(a)), trace);
-        }
+            .write_to_participants(tenant, conv.visitor_id, to_visitor, to_agent, trace);
         // The agent who just lost the conversation (transfer, requeue, close) is told too.
         if let Some(old) = before.agent_id
             && Some(old) != conv.agent_id

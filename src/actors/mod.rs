@@ -55,6 +55,20 @@ use visitor::VisitorActor;
 /// A tenant's key in the registry maps: (tenant id, actor id).
 type Key = (i64, i64);
 
+/// Hands a stored write to the hub under `key` on this node, if there is one. Without a hub
+/// here to order against, the sender's connection is elsewhere or closing: its ack, if it
+/// rides with this copy, goes straight to it.
+fn deliver_write<A>(hubs: &DashMap<Key, Addr<A>>, key: Key, write: order::DeliverWrite)
+where
+    A: Actor<Context = actix::Context<A>> + actix::Handler<order::DeliverWrite>,
+{
+    if let Some(hub) = hubs.get(&key) {
+        hub.do_send(write);
+    } else if let Some((origin, ack)) = write.ack {
+        origin.push(ack);
+    }
+}
+
 /// Hands a notice another node published for an agent or visitor to its hub here: a stored
 /// write (its frames, in order behind the others of its conversation) or a single frame.
 fn deliver_here<A>(hubs: &DashMap<Key, Addr<A>>, kind: &'static str, id: i64, n: Notice)
@@ -690,7 +704,7 @@ impl Realtime {
             "agent",
             agent_id,
             |i| &i.agents,
-            subject::agent,
+            [subject::agent, subject::agent_writes],
             make,
         )
     }
@@ -716,20 +730,21 @@ impl Realtime {
             "visitor",
             visitor_id,
             |i| &i.visitors,
-            subject::visitor,
+            [subject::visitor, subject::visitor_writes],
             make,
         )
     }
 
     /// An agent's or visitor's hub in `hubs`, started with `make` if none runs; a hub started
-    /// here listens for other nodes' notices on its `subject`.
+    /// here listens for other nodes' notices on its `subjects`: its own (frames for it alone)
+    /// and the writes of its conversations (see [`subject::write`]).
     fn hub<A>(
         &self,
         tenant: &Arc<TenantRecord>,
         kind: &'static str,
         id: i64,
         hubs: fn(&Inner) -> &DashMap<Key, Addr<A>>,
-        subject: fn(i64, i64) -> String,
+        subjects: [fn(i64, i64) -> String; 2],
         make: impl Fn() -> A + Clone + Send + 'static,
     ) -> Found<A>
     where
@@ -739,9 +754,11 @@ impl Realtime {
     {
         let found = self.start_registered(hubs(&self.inner), kind, (tenant.id, id), make);
         if let Found::Started(_) = found {
-            self.listen(tenant, subject(tenant.id, id), move |rt, n| {
-                deliver_here(hubs(&rt.inner), kind, id, n);
-            });
+            for subject in subjects {
+                self.listen(tenant, subject(tenant.id, id), move |rt, n| {
+                    deliver_here(hubs(&rt.inner), kind, id, n);
+                });
+            }
         }
         found
     }
@@ -754,15 +771,47 @@ impl Realtime {
         };
         if let Some(a) = agent {
             c.ready(&subject::agent(tenant_id, a)).await;
+            c.ready(&subject::agent_writes(tenant_id, a)).await;
         }
         if let Some(v) = visitor {
             c.ready(&subject::visitor(tenant_id, v)).await;
+            c.ready(&subject::visitor_writes(tenant_id, v)).await;
         }
     }
 
-    /// Hands a stored write to an agent's connections: to its hub on this node (which keeps
-    /// the conversation's order, see [`order`]) and, in cluster mode, as a notice to the
-    /// nodes hosting the agent. The ack stays on this node: only its sender is here.
+    /// Hands a stored write to the connections of both participants of its conversation: to
+    /// their hubs on this node (which keep the conversation's order, see [`order`]) and, in
+    /// cluster mode, as one notice for every node hosting either of them: its subject names
+    /// both ([`subject::write`]), so a write is published once, not once per participant.
+    /// `to_visitor` and `to_agent` differ only in the ack, which stays on this node (only its
+    /// sender is here).
+    pub fn write_to_participants(
+        &self,
+        tenant_id: i64,
+        visitor_id: i64,
+        to_visitor: order::DeliverWrite,
+        to_agent: Option<(i64, order::DeliverWrite)>,
+        trace: Option<&TraceContext>,
+    ) {
+        if let Some(c) = &self.inner.cluster {
+            let subject = subject::write(tenant_id, visitor_id, to_agent.as_ref().map(|(a, _)| *a));
+            let at = (to_visitor.conversation_id, to_visitor.seq);
+            c.publish_write(
+                tenant_id,
+                subject,
+                join_frames(&to_visitor.frames),
+                at,
+                trace,
+            );
+        }
+        deliver_write(&self.inner.visitors, (tenant_id, visitor_id), to_visitor);
+        if let Some((agent_id, write)) = to_agent {
+            deliver_write(&self.inner.agents, (tenant_id, agent_id), write);
+        }
+    }
+
+    /// Hands a stored write to an agent who is not (or no longer) its conversation's agent:
+    /// to its hub here and, in cluster mode, as a notice on the agent's own subject.
     pub fn write_to_agent(
         &self,
         tenant_id: i64,
@@ -770,54 +819,12 @@ impl Realtime {
         write: order::DeliverWrite,
         trace: Option<&TraceContext>,
     ) {
-        let subject = || subject::agent(tenant_id, agent_id);
-        self.write_to(
-            &self.inner.agents,
-            (tenant_id, agent_id),
-            subject,
-            write,
-            trace,
-        );
-    }
-
-    /// [`Self::write_to_agent`] for a visitor.
-    pub fn write_to_visitor(
-        &self,
-        tenant_id: i64,
-        visitor_id: i64,
-        write: order::DeliverWrite,
-        trace: Option<&TraceContext>,
-    ) {
-        let subject = || subject::visitor(tenant_id, visitor_id);
-        self.write_to(
-            &self.inner.visitors,
-            (tenant_id, visitor_id),
-            subject,
-            write,
-            trace,
-        );
-    }
-
-    fn write_to<A>(
-        &self,
-        hubs: &DashMap<Key, Addr<A>>,
-        key: Key,
-        subject: impl FnOnce() -> String,
-        write: order::DeliverWrite,
-        trace: Option<&TraceContext>,
-    ) where
-        A: Actor<Context = actix::Context<A>> + actix::Handler<order::DeliverWrite>,
-    {
         if let Some(c) = &self.inner.cluster {
+            let subject = subject::agent(tenant_id, agent_id);
             let at = (write.conversation_id, write.seq);
-            c.publish_write(key.0, subject(), join_frames(&write.frames), at, trace);
+            c.publish_write(tenant_id, subject, join_frames(&write.frames), at, trace);
         }
-        if let Some(hub) = hubs.get(&key) {
-            hub.do_send(write);
-        } else if let Some((origin, ack)) = write.ack {
-            // No hub here to order against: the sender's connection is elsewhere or closing.
-            origin.push(ack);
-        }
+        deliver_write(&self.inner.agents, (tenant_id, agent_id), write);
     }
 
     /// Delivers a frame to every connection of an agent: on this node directly, and in
@@ -920,6 +927,7 @@ impl Realtime {
             .is_some()
         {
             self.unlisten(subject::agent(key.0, key.1));
+            self.unlisten(subject::agent_writes(key.0, key.1));
         }
     }
 
@@ -931,6 +939,7 @@ impl Realtime {
             .is_some()
         {
             self.unlisten(subject::visitor(key.0, key.1));
+            self.unlisten(subject::visitor_writes(key.0, key.1));
         }
     }
 

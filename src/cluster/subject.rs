@@ -12,6 +12,27 @@ pub fn visitor(tenant: i64, visitor: i64) -> String {
     format!("kefu.{tenant}.visitor.{visitor}")
 }
 
+/// A stored write of a conversation, for both its participants at once: published once, and
+/// heard by the nodes of the visitor (subscribed to [`visitor_writes`]) and of the agent
+/// ([`agent_writes`]). `None`: the conversation has no agent (queued, or closed unassigned).
+pub fn write(tenant: i64, visitor: i64, agent: Option<i64>) -> String {
+    match agent {
+        Some(agent) => format!("kefu.{tenant}.write.{visitor}.{agent}"),
+        // Never an agent id, so no agent's node hears it.
+        None => format!("kefu.{tenant}.write.{visitor}.none"),
+    }
+}
+
+/// Every stored write of the visitor's conversations, whichever agent has them.
+pub fn visitor_writes(tenant: i64, visitor: i64) -> String {
+    format!("kefu.{tenant}.write.{visitor}.*")
+}
+
+/// Every stored write of the conversations the agent has, whichever visitor they are with.
+pub fn agent_writes(tenant: i64, agent: i64) -> String {
+    format!("kefu.{tenant}.write.*.{agent}")
+}
+
 /// "This conversation changed hands": conversation actors drop what they cached about it.
 pub fn conversation(tenant: i64, conversation: i64) -> String {
     format!("kefu.{tenant}.conv.{conversation}")
@@ -31,5 +52,9 @@ mod tests {
         assert_eq!(super::visitor(7, 3), "kefu.7.visitor.3");
         assert_eq!(super::conversation(7, 3), "kefu.7.conv.3");
         assert_eq!(super::queue(7), "kefu.7.queue");
+        assert_eq!(super::write(7, 3, Some(5)), "kefu.7.write.3.5");
+        assert_eq!(super::write(7, 3, None), "kefu.7.write.3.none");
+        assert_eq!(super::visitor_writes(7, 3), "kefu.7.write.3.*");
+        assert_eq!(super::agent_writes(7, 5), "kefu.7.write.*.5");
     }
 }
