@@ -21,8 +21,10 @@
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
-use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
+use actix_web::{App, HttpRequest, HttpResponse, web};
 use anyhow::{Result, bail};
+
+mod common;
 
 /// As `kefu serve`: the allocator is part of what is measured.
 #[global_allocator]
@@ -42,28 +44,16 @@ fn main() -> Result<()> {
 }
 
 fn serve(port: u16, bare: bool) -> Result<()> {
-    // As `kefu serve` (src/main.rs).
-    #[cfg(target_os = "linux")]
-    nix::sys::prctl::set_thp_disable(true)?;
-    actix_web::rt::System::new().block_on(async move {
-        HttpServer::new(move || {
-            let hold = move |req: HttpRequest, body: web::Payload| hold(req, body, bare);
-            App::new()
-                .route("/ws/visitor", web::get().to(hold))
-                .route("/ws/agent", web::get().to(hold))
-                .route("/platform/v1/tenants", web::post().to(tenant))
-                .route("/api/v1/auth/login", web::post().to(login))
-                .route("/api/v1/agents", web::post().to(agent))
-                .route("/api/v1/visitor/sessions", web::post().to(visitor_session))
-        })
-        // As `kefu serve` (src/startup.rs): two workers on two cores, no Nagle.
-        .workers(2)
-        .tcp_nodelay(true)
-        .bind(("127.0.0.1", port))?
-        .run()
-        .await
-    })?;
-    Ok(())
+    common::serve_like_kefu!(port, move || {
+        let hold = move |req: HttpRequest, body: web::Payload| hold(req, body, bare);
+        App::new()
+            .route("/ws/visitor", web::get().to(hold))
+            .route("/ws/agent", web::get().to(hold))
+            .route("/platform/v1/tenants", web::post().to(tenant))
+            .route("/api/v1/auth/login", web::post().to(login))
+            .route("/api/v1/agents", web::post().to(agent))
+            .route("/api/v1/visitor/sessions", web::post().to(visitor_session))
+    })
 }
 
 async fn hold(req: HttpRequest, body: web::Payload, bare: bool) -> actix_web::Result<HttpResponse> {

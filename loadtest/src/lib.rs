@@ -9,7 +9,8 @@
 //! - [`scenarios`]: `chat`, `longpoll`, `ramp` and `connections`, each a `…Config` (whose
 //!   `Default` is a tiny smoke run) and an async `run(config) -> anyhow::Result<Report>`;
 //!   `scenarios::engine` (private) is the conversation machinery the first three share.
-//! - [`relay`]: the bare relay baseline (`kefu-loadtest relay`).
+//! - [`relay`]: the bare relay baseline (`kefu-loadtest relay`); its work per frame is also
+//!   [`relay::Core`], which `examples/actix_relay.rs` serves on Kefu's WebSocket stack.
 //! - [`client`]: HTTP provisioning, long-poll calls, history reads and WebSocket connects,
 //!   with the tenant's `Host` header and chosen source addresses.
 //! - [`protocol`]: the frames read and written, and the send stamp carried in message text.

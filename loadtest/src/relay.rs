@@ -123,7 +123,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// An error in Kefu's shape.
 struct Refusal(StatusCode, &'static str, String);
 
-type Answer = std::result::Result<Response<Body>, Refusal>;
+/// A status and a JSON body; the hyper server and any other front end make their response
+/// of it.
+type Answer = std::result::Result<(StatusCode, String), Refusal>;
 
 impl State {
     fn id(&self) -> i64 {
@@ -339,7 +341,47 @@ fn respond(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
 }
 
 fn json_response(status: StatusCode, v: Value) -> Answer {
-    Ok(respond(status, v.to_string()))
+    Ok((status, v.to_string()))
+}
+
+impl Refusal {
+    fn answer(self) -> (StatusCode, String) {
+        let Refusal(status, code, message) = self;
+        let body = json!({"error": {"code": code, "message": message}}).to_string();
+        (status, body)
+    }
+}
+
+/// The relay's work behind a server of another kind: `examples/actix_relay.rs` serves it on
+/// Kefu's WebSocket stack (actix-web and actix-ws) to tell that stack's cost per message from
+/// Kefu's own (docs/benchmarks.md, "The relay on Kefu's stack").
+#[derive(Clone, Default)]
+pub struct Core(Arc<State>);
+
+impl Core {
+    /// Answers any call but a WebSocket upgrade or a long-poll: status and JSON body.
+    pub fn answer(
+        &self,
+        method: &Method,
+        path: &str,
+        query: Option<&str>,
+        bearer: Option<&str>,
+        body: &[u8],
+    ) -> (StatusCode, String) {
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        answer(&self.0, method, &segments, query, bearer, body).unwrap_or_else(Refusal::answer)
+    }
+
+    /// The socket of the party `token` names on `side`, registered, with what is queued for
+    /// it and its `hello`; `None` for an unknown token.
+    pub fn connect(
+        &self,
+        side: Side,
+        token: &str,
+    ) -> Option<(Conn, mpsc::UnboundedReceiver<Utf8Bytes>, String)> {
+        let party = self.0.by_token(token).filter(|p| p.side == side)?;
+        Some(Conn::open(self.0.clone(), party))
+    }
 }
 
 /// A running relay started by [`start`]; dropping it stops accepting (open sockets live on
@@ -400,27 +442,68 @@ async fn handle(
     state: Arc<State>,
     req: Request<Incoming>,
 ) -> std::result::Result<Response<Body>, Infallible> {
-    let answer = route(&state, req).await;
-    Ok(answer.unwrap_or_else(|Refusal(status, code, message)| {
-        respond(
-            status,
-            json!({"error": {"code": code, "message": message}}).to_string(),
-        )
+    Ok(route(&state, req).await.unwrap_or_else(|refusal| {
+        let (status, body) = refusal.answer();
+        respond(status, body)
     }))
 }
 
-async fn route(state: &Arc<State>, req: Request<Incoming>) -> Answer {
+async fn route(
+    state: &Arc<State>,
+    req: Request<Incoming>,
+) -> std::result::Result<Response<Body>, Refusal> {
     let path = req.uri().path().to_owned();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-    match (req.method().clone(), segments.as_slice()) {
+    let query = req.uri().query().map(str::to_owned);
+    let bearer = bearer(req.headers()).map(str::to_owned);
+    let (status, body) = match (req.method().clone(), segments.as_slice()) {
+        (Method::GET, ["ws", "agent"]) => return upgrade(state, req, Side::Agent),
+        (Method::GET, ["ws", "visitor"]) => return upgrade(state, req, Side::Visitor),
+        (Method::GET, ["api", "v1", "visitor", "conversations", id, "events"]) => {
+            let id = parse_id(id)?;
+            events(state, query.as_deref(), bearer.as_deref(), id).await?
+        }
+        (method, segments) => {
+            let body = Limited::new(req.into_body(), MAX_BODY)
+                .collect()
+                .await
+                .map_err(|_| {
+                    refuse(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "payload_too_large",
+                        "body too large",
+                    )
+                })?
+                .to_bytes();
+            answer(
+                state,
+                &method,
+                segments,
+                query.as_deref(),
+                bearer.as_deref(),
+                &body,
+            )?
+        }
+    };
+    Ok(respond(status, body))
+}
+
+/// Every call but the upgrades and long-poll, once its body is read.
+fn answer(
+    state: &State,
+    method: &Method,
+    segments: &[&str],
+    query: Option<&str>,
+    bearer: Option<&str>,
+    body: &[u8],
+) -> Answer {
+    match (method.clone(), segments) {
         (Method::GET, ["healthz"]) => {
             json_response(StatusCode::OK, json!({"status": "ok", "node": "relay"}))
         }
-        (Method::GET, ["ws", "agent"]) => upgrade(state, req, Side::Agent),
-        (Method::GET, ["ws", "visitor"]) => upgrade(state, req, Side::Visitor),
-        (Method::POST, ["platform", "v1", "tenants"]) => create_tenant(state, req).await,
-        (Method::POST, ["api", "v1", "auth", "login"]) => login(state, req).await,
-        (Method::POST, ["api", "v1", "agents"]) => create_agent(state, req).await,
+        (Method::POST, ["platform", "v1", "tenants"]) => create_tenant(state, parse(body)?),
+        (Method::POST, ["api", "v1", "auth", "login"]) => login(state, parse(body)?),
+        (Method::POST, ["api", "v1", "agents"]) => create_agent(state, parse(body)?),
         (Method::POST, ["api", "v1", "visitor", "sessions"]) => {
             let v = state.register(Side::Visitor, "Visitor".into(), 0);
             json_response(
@@ -428,18 +511,16 @@ async fn route(state: &Arc<State>, req: Request<Incoming>) -> Answer {
                 json!({"visitor_id": v.id, "visitor_token": format!("visitor.{}", v.id)}),
             )
         }
-        (Method::POST, ["api", "v1", "visitor", "conversations"]) => open_conversation(state, &req),
+        (Method::POST, ["api", "v1", "visitor", "conversations"]) => {
+            open_conversation(state, bearer)
+        }
         (Method::POST, ["api", "v1", "visitor", "conversations", id, "messages"]) => {
             let id = parse_id(id)?;
-            post_message(state, req, id).await
-        }
-        (Method::GET, ["api", "v1", "visitor", "conversations", id, "events"]) => {
-            let id = parse_id(id)?;
-            events(state, &req, id).await
+            post_message(state, bearer, id, body)
         }
         (Method::GET, ["api", "v1", "conversations", id, "messages"]) => {
             let id = parse_id(id)?;
-            history(state, &req, id)
+            history(state, query, id)
         }
         _ => Err(refuse(StatusCode::NOT_FOUND, "not_found", "no such route")),
     }
@@ -450,21 +531,8 @@ fn parse_id(s: &str) -> std::result::Result<i64, Refusal> {
         .map_err(|_| refuse(StatusCode::NOT_FOUND, "not_found", "no such id"))
 }
 
-async fn body<T: for<'de> Deserialize<'de>>(
-    req: Request<Incoming>,
-) -> std::result::Result<T, Refusal> {
-    let bytes = Limited::new(req.into_body(), MAX_BODY)
-        .collect()
-        .await
-        .map_err(|_| {
-            refuse(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                "body too large",
-            )
-        })?
-        .to_bytes();
-    serde_json::from_slice(&bytes).map_err(|e| {
+fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> std::result::Result<T, Refusal> {
+    serde_json::from_slice(body).map_err(|e| {
         refuse(
             StatusCode::UNPROCESSABLE_ENTITY,
             "validation_failed",
@@ -473,25 +541,24 @@ async fn body<T: for<'de> Deserialize<'de>>(
     })
 }
 
-fn query<'a>(req: &'a Request<Incoming>, key: &str) -> Option<&'a str> {
-    req.uri()
-        .query()?
+fn query<'a>(query: Option<&'a str>, key: &str) -> Option<&'a str> {
+    query?
         .split('&')
         .filter_map(|kv| kv.split_once('='))
         .find(|(k, _)| *k == key)
         .map(|(_, v)| v)
 }
 
-fn bearer(req: &Request<Incoming>) -> Option<&str> {
-    req.headers()
+fn bearer(headers: &header::HeaderMap) -> Option<&str> {
+    headers
         .get(header::AUTHORIZATION)?
         .to_str()
         .ok()?
         .strip_prefix("Bearer ")
 }
 
-fn visitor_of(state: &State, req: &Request<Incoming>) -> std::result::Result<Arc<Party>, Refusal> {
-    bearer(req)
+fn visitor_of(state: &State, bearer: Option<&str>) -> std::result::Result<Arc<Party>, Refusal> {
+    bearer
         .and_then(|t| state.by_token(t))
         .filter(|p| p.side == Side::Visitor)
         .ok_or_else(|| {
@@ -505,10 +572,10 @@ fn visitor_of(state: &State, req: &Request<Incoming>) -> std::result::Result<Arc
 
 fn visitor_conv(
     state: &State,
-    req: &Request<Incoming>,
+    bearer: Option<&str>,
     id: i64,
 ) -> std::result::Result<(Arc<Party>, Arc<Conv>), Refusal> {
-    let visitor = visitor_of(state, req)?;
+    let visitor = visitor_of(state, bearer)?;
     let conv = state
         .conv(id)
         .filter(|c| c.visitor.id == visitor.id)
@@ -529,8 +596,7 @@ struct NewAdmin {
     email: String,
 }
 
-async fn create_tenant(state: &State, req: Request<Incoming>) -> Answer {
-    let t: NewTenant = body(req).await?;
+fn create_tenant(state: &State, t: NewTenant) -> Answer {
     let admin = state.register(Side::Agent, "Admin".into(), DEFAULT_MAX_CONCURRENT);
     lock(&state.emails).insert(t.admin.email.to_ascii_lowercase(), admin.id);
     json_response(
@@ -545,8 +611,7 @@ struct Login {
     email: String,
 }
 
-async fn login(state: &State, req: Request<Incoming>) -> Answer {
-    let l: Login = body(req).await?;
+fn login(state: &State, l: Login) -> Answer {
     let id = lock(&state.emails)
         .get(&l.email.to_ascii_lowercase())
         .copied()
@@ -572,8 +637,7 @@ struct NewAgent {
     max_concurrent: Option<usize>,
 }
 
-async fn create_agent(state: &State, req: Request<Incoming>) -> Answer {
-    let a: NewAgent = body(req).await?;
+fn create_agent(state: &State, a: NewAgent) -> Answer {
     let max = a.max_concurrent.unwrap_or(DEFAULT_MAX_CONCURRENT);
     let p = state.register(Side::Agent, a.name.clone(), max);
     lock(&state.emails).insert(a.email.to_ascii_lowercase(), p.id);
@@ -584,8 +648,8 @@ async fn create_agent(state: &State, req: Request<Incoming>) -> Answer {
     )
 }
 
-fn open_conversation(state: &State, req: &Request<Incoming>) -> Answer {
-    let visitor = visitor_of(state, req)?;
+fn open_conversation(state: &State, bearer: Option<&str>) -> Answer {
+    let visitor = visitor_of(state, bearer)?;
     if let Some(&id) = lock(&visitor.conversations).first() {
         return json_response(
             StatusCode::OK,
@@ -624,26 +688,9 @@ struct PostedMessage<'a> {
     content: &'a RawValue,
 }
 
-async fn post_message(state: &State, req: Request<Incoming>, id: i64) -> Answer {
-    let (visitor, conv) = visitor_conv(state, &req, id)?;
-    let bytes = Limited::new(req.into_body(), MAX_BODY)
-        .collect()
-        .await
-        .map_err(|_| {
-            refuse(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                "body too large",
-            )
-        })?
-        .to_bytes();
-    let m: PostedMessage = serde_json::from_slice(&bytes).map_err(|e| {
-        refuse(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "validation_failed",
-            e.to_string(),
-        )
-    })?;
+fn post_message(state: &State, bearer: Option<&str>, id: i64, body: &[u8]) -> Answer {
+    let (visitor, conv) = visitor_conv(state, bearer, id)?;
+    let m: PostedMessage = parse(body)?;
     let (id, seq, created_at) =
         state.relay_message(&conv, &visitor, &m.client_msg_id, m.content, None)?;
     json_response(
@@ -652,12 +699,17 @@ async fn post_message(state: &State, req: Request<Incoming>, id: i64) -> Answer 
     )
 }
 
-async fn events(state: &State, req: &Request<Incoming>, id: i64) -> Answer {
-    let (_, conv) = visitor_conv(state, req, id)?;
-    let after: i64 = query(req, "after_seq")
+async fn events(
+    state: &State,
+    query_string: Option<&str>,
+    bearer: Option<&str>,
+    id: i64,
+) -> Answer {
+    let (_, conv) = visitor_conv(state, bearer, id)?;
+    let after: i64 = query(query_string, "after_seq")
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    let wait: u64 = query(req, "wait")
+    let wait: u64 = query(query_string, "wait")
         .and_then(|v| v.parse().ok())
         .unwrap_or(25);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(wait.min(MAX_WAIT_SECS));
@@ -696,20 +748,20 @@ async fn events(state: &State, req: &Request<Incoming>, id: i64) -> Answer {
                 out.push_str(f.as_str());
             }
             out.push_str(&format!(r#"],"last_seq":{last}}}"#));
-            return Ok(respond(StatusCode::OK, out));
+            return Ok((StatusCode::OK, out));
         }
         let _ = tokio::time::timeout_at(deadline, woken).await;
     }
 }
 
-fn history(state: &State, req: &Request<Incoming>, id: i64) -> Answer {
+fn history(state: &State, query_string: Option<&str>, id: i64) -> Answer {
     let conv = state
         .conv(id)
         .ok_or_else(|| refuse(StatusCode::NOT_FOUND, "not_found", "no such conversation"))?;
-    let after = query(req, "after_seq")
+    let after = query(query_string, "after_seq")
         .and_then(|v| v.parse::<usize>().ok())
         .unwrap_or(0);
-    let limit = query(req, "limit")
+    let limit = query(query_string, "limit")
         .and_then(|v| v.parse::<usize>().ok())
         .unwrap_or(PAGE)
         .min(PAGE);
@@ -733,9 +785,13 @@ fn history(state: &State, req: &Request<Incoming>, id: i64) -> Answer {
     json_response(StatusCode::OK, json!({ "messages": messages }))
 }
 
-fn upgrade(state: &Arc<State>, mut req: Request<Incoming>, side: Side) -> Answer {
-    let party = query(&req, "token")
-        .or_else(|| bearer(&req))
+fn upgrade(
+    state: &Arc<State>,
+    mut req: Request<Incoming>,
+    side: Side,
+) -> std::result::Result<Response<Body>, Refusal> {
+    let party = query(req.uri().query(), "token")
+        .or_else(|| bearer(req.headers()))
         .and_then(|t| state.by_token(t))
         .filter(|p| p.side == side)
         .ok_or_else(|| refuse(StatusCode::UNAUTHORIZED, "invalid_token", "unknown token"))?;
@@ -799,55 +855,91 @@ async fn connection<S>(state: Arc<State>, party: Arc<Party>, ws: WebSocketStream
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let (tx, mut rx) = mpsc::unbounded_channel::<Utf8Bytes>();
-    let conn_id = state.next_conn.fetch_add(1, Ordering::Relaxed);
-    // Registered before `hello` is built, so nothing assigned in between is missed: it is
-    // either in `hello` or queued behind it (or both, which clients take in their stride).
-    let first = {
-        let mut conns = lock(&party.conns);
-        conns.push((conn_id, tx.clone()));
-        conns.len() == 1
-    };
-    let hello = {
-        let convs: Vec<Value> = lock(&party.conversations)
-            .iter()
-            .filter_map(|c| state.conv(*c))
-            .map(|c| {
-                let inner = lock(&c.inner);
-                let status = if inner.agent.is_some() {
-                    "active"
-                } else {
-                    "queued"
-                };
-                json!({"conversation_id": c.id, "status": status, "last_seq": inner.last_seq})
-            })
-            .collect();
-        json!({"type": "hello", "node": "relay", "conversations": convs}).to_string()
-    };
-    if party.side == Side::Agent && first {
-        lock(&state.queue).online.push(party.clone());
-        state.assign_waiting();
-    }
+    let (conn, mut rx, hello) = Conn::open(state, party);
     let (mut sink, mut stream) = ws.split();
-    // Written before anything queued on `tx`, so it is the first frame.
+    // Written before anything queued on `rx`, so it is the first frame.
     if sink.send(Message::text(hello)).await.is_ok() {
-        relay_frames(&state, &party, &tx, &mut rx, &mut sink, &mut stream).await;
+        relay_frames(&conn, &mut rx, &mut sink, &mut stream).await;
     }
-    let last = {
-        let mut conns = lock(&party.conns);
-        conns.retain(|(id, _)| *id != conn_id);
-        conns.is_empty()
-    };
-    if party.side == Side::Agent && last {
-        lock(&state.queue).online.retain(|p| p.id != party.id);
+}
+
+/// One open WebSocket of a party, whatever serves it: registered while it lives.
+pub struct Conn {
+    state: Arc<State>,
+    party: Arc<Party>,
+    id: u64,
+    /// Where acks and errors for this socket's own frames go.
+    tx: Tx,
+}
+
+impl Conn {
+    /// Registers the socket; returns it, what is queued for it, and its `hello`.
+    fn open(
+        state: Arc<State>,
+        party: Arc<Party>,
+    ) -> (Self, mpsc::UnboundedReceiver<Utf8Bytes>, String) {
+        let (tx, rx) = mpsc::unbounded_channel::<Utf8Bytes>();
+        let id = state.next_conn.fetch_add(1, Ordering::Relaxed);
+        // Registered before `hello` is built, so nothing assigned in between is missed: it is
+        // either in `hello` or queued behind it (or both, which clients take in their stride).
+        let first = {
+            let mut conns = lock(&party.conns);
+            conns.push((id, tx.clone()));
+            conns.len() == 1
+        };
+        let hello = {
+            let convs: Vec<Value> = lock(&party.conversations)
+                .iter()
+                .filter_map(|c| state.conv(*c))
+                .map(|c| {
+                    let inner = lock(&c.inner);
+                    let status = if inner.agent.is_some() {
+                        "active"
+                    } else {
+                        "queued"
+                    };
+                    json!({"conversation_id": c.id, "status": status, "last_seq": inner.last_seq})
+                })
+                .collect();
+            json!({"type": "hello", "node": "relay", "conversations": convs}).to_string()
+        };
+        if party.side == Side::Agent && first {
+            lock(&state.queue).online.push(party.clone());
+            state.assign_waiting();
+        }
+        let conn = Self {
+            state,
+            party,
+            id,
+            tx,
+        };
+        (conn, rx, hello)
+    }
+
+    /// Handles one text frame the client sent.
+    pub fn frame(&self, text: &str) {
+        on_frame(&self.state, &self.party, &self.tx, text);
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        let last = {
+            let mut conns = lock(&self.party.conns);
+            conns.retain(|(id, _)| *id != self.id);
+            conns.is_empty()
+        };
+        if self.party.side == Side::Agent && last {
+            lock(&self.state.queue)
+                .online
+                .retain(|p| p.id != self.party.id);
+        }
     }
 }
 
 /// Reads the client's frames and writes what is queued for it until either side ends.
 async fn relay_frames<Si, St>(
-    state: &State,
-    party: &Party,
-    tx: &Tx,
+    conn: &Conn,
     rx: &mut mpsc::UnboundedReceiver<Utf8Bytes>,
     sink: &mut Si,
     stream: &mut St,
@@ -860,7 +952,7 @@ async fn relay_frames<Si, St>(
     loop {
         tokio::select! {
             incoming = stream.next() => match incoming {
-                Some(Ok(Message::Text(t))) => on_frame(state, party, tx, t.as_str()),
+                Some(Ok(Message::Text(t))) => conn.frame(t.as_str()),
                 Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
                 Some(Ok(_)) => {}
             },

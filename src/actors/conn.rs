@@ -2,10 +2,12 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::task::Poll;
 
 use actix::Message;
 use bytestring::ByteString;
-use tokio::sync::{Notify, mpsc};
+use futures_util::task::AtomicWaker;
+use tokio::sync::mpsc;
 
 /// Why the server closes a connection on its own initiative.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -17,27 +19,36 @@ pub enum Kill {
 }
 
 /// Raised when the server closes a connection on its own initiative, with the reason; the
-/// connection loop waits on it. A `Notify` and a byte rather than a channel: it is one of the
-/// few things every idle connection holds, and a channel costs some hundreds of bytes.
+/// connection loop waits on it. A waker and a byte rather than a channel: it is one of the
+/// few things every idle connection holds, and a channel costs some hundreds of bytes. Not a
+/// `Notify` either: the loop polls the alarm each time it wakes, for every frame in or out, and
+/// a waiting `Notified` takes its mutex on every poll where an `AtomicWaker` takes none
+/// (docs/benchmarks.md, "The relay on Kefu's stack").
 #[derive(Debug, Default)]
 pub struct Alarm {
-    notify: Notify,
+    waker: AtomicWaker,
+    /// 0 until raised, then the [`Kill`].
     reason: AtomicU8,
 }
 
 impl Alarm {
     /// Resolves once raised (also when raised before the wait began), with the reason.
     pub async fn raised(&self) -> Kill {
-        self.notify.notified().await;
-        match self.reason.load(Ordering::Acquire) {
-            2 => Kill::Suspended,
-            _ => Kill::TooSlow,
-        }
+        std::future::poll_fn(|cx| {
+            // Registered before the check, so a raise in between still wakes this task.
+            self.waker.register(cx.waker());
+            match self.reason.load(Ordering::Acquire) {
+                0 => Poll::Pending,
+                2 => Poll::Ready(Kill::Suspended),
+                _ => Poll::Ready(Kill::TooSlow),
+            }
+        })
+        .await
     }
 
     fn raise(&self, why: Kill) {
         self.reason.store(why as u8, Ordering::Release);
-        self.notify.notify_one();
+        self.waker.wake();
     }
 }
 

@@ -28,13 +28,20 @@ use crate::trace_context::TraceContext;
 /// A conversation actor with no work for this long stops; the next write starts a new one.
 const IDLE_STOP: Duration = Duration::from_secs(300);
 
+/// How often an actor looks whether it has been idle for [`IDLE_STOP`]: it stops between
+/// `IDLE_STOP` and `IDLE_STOP + IDLE_CHECK` after its last work. One timer for the actor's
+/// life, where re-arming a timer on every write cost a timer-wheel insert and removal per
+/// message.
+const IDLE_CHECK: Duration = Duration::from_secs(30);
+
 pub struct ConversationActor {
     rt: Realtime,
     tenant: Arc<TenantRecord>,
     id: i64,
     /// Visitor and agent as of the last write seen here (for relaying typing).
     participants: Option<(i64, Option<i64>)>,
-    idle: Option<SpawnHandle>,
+    /// When it last had work; it stops once this is [`IDLE_STOP`] ago.
+    last_active: tokio::time::Instant,
     /// The tenant database's circuit breaker, looked up once rather than on every write.
     breaker: Arc<Breaker>,
 }
@@ -48,15 +55,12 @@ impl ConversationActor {
             tenant,
             id,
             participants: None,
-            idle: None,
+            last_active: tokio::time::Instant::now(),
         }
     }
 
-    fn touch(&mut self, ctx: &mut Context<Self>) {
-        if let Some(h) = self.idle.take() {
-            ctx.cancel_future(h);
-        }
-        self.idle = Some(ctx.run_later(IDLE_STOP, |_, ctx| ctx.stop()));
+    fn touch(&mut self) {
+        self.last_active = tokio::time::Instant::now();
     }
 
     /// Sends the frames of a stored write to everyone concerned, and its ack to the
@@ -176,7 +180,11 @@ impl Actor for ConversationActor {
     fn started(&mut self, ctx: &mut Context<Self>) {
         // Bursts of sends wait here rather than fail; the writer applies backpressure.
         ctx.set_mailbox_capacity(1024);
-        self.touch(ctx);
+        ctx.run_interval(IDLE_CHECK, |act, ctx| {
+            if act.last_active.elapsed() >= IDLE_STOP {
+                ctx.stop();
+            }
+        });
     }
 
     fn stopped(&mut self, ctx: &mut Context<Self>) {
@@ -206,9 +214,9 @@ pub struct Submit {
 impl Handler<Submit> for ConversationActor {
     type Result = AtomicResponse<Self, Result<Written, WriteError>>;
 
-    fn handle(&mut self, msg: Submit, ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: Submit, _: &mut Context<Self>) -> Self::Result {
         let received = std::time::Instant::now();
-        self.touch(ctx);
+        self.touch();
         let rt = self.rt.clone();
         let tenant = self.tenant.clone();
         let op = msg.op.clone();
@@ -387,8 +395,8 @@ pub struct Typing {
 impl Handler<Typing> for ConversationActor {
     type Result = ResponseActFuture<Self, ()>;
 
-    fn handle(&mut self, msg: Typing, ctx: &mut Context<Self>) -> Self::Result {
-        self.touch(ctx);
+    fn handle(&mut self, msg: Typing, _: &mut Context<Self>) -> Self::Result {
+        self.touch();
         let rt = self.rt.clone();
         let tenant = self.tenant.clone();
         let id = self.id;

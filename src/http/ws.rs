@@ -297,14 +297,21 @@ impl Connection {
         let _open = metrics::global().connection(self.who.conn_kind());
         tracing::debug!(conn = self.conn.id, who = ?self.who, "connection open");
 
-        let shutdown = self.rt.shutdown_token();
+        // Both made once and polled in place: the loop polls them each time it wakes, and
+        // made afresh each time they would register and unregister a waiter under a lock.
+        // The shutdown token is this connection's own child, so that its lock is not one that
+        // every connection of the node takes on every frame.
+        let shutdown = self.rt.shutdown_token().child_token();
+        let cancelled = shutdown.cancelled();
+        let raised = alarm.raised();
+        tokio::pin!(cancelled, raised);
         let mut ticker = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
         let mut last_heard = Instant::now();
         let reason: Option<CloseReason> = loop {
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => break Some(close(CloseCode::Away, "server shutting down")),
-                why = alarm.raised() => break Some(match why {
+                _ = &mut cancelled => break Some(close(CloseCode::Away, "server shutting down")),
+                why = &mut raised => break Some(match why {
                     Kill::TooSlow => close(CloseCode::Other(CLOSE_TOO_SLOW), "too slow: reconnect and sync"),
                     Kill::Suspended => close(CloseCode::Other(CLOSE_SUSPENDED), "the tenant is suspended"),
                 }),
