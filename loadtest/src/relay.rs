@@ -166,14 +166,9 @@ impl State {
             .cloned()
     }
 
-    /// The party a fake token names: `agent.<id>` or `visitor.<id>`.
-    fn by_token(&self, token: &str) -> Option<Arc<Party>> {
-        let (side, id) = token.split_once('.')?;
-        let side = match side {
-            "agent" => Side::Agent,
-            "visitor" => Side::Visitor,
-            _ => return None,
-        };
+    /// The party on `side` a fake token names: `agent.<id>` or `visitor.<id>`.
+    fn by_token(&self, side: Side, token: &str) -> Option<Arc<Party>> {
+        let id = token.strip_prefix(side.as_str())?.strip_prefix('.')?;
         self.party(side, id.parse().ok()?)
     }
 
@@ -379,7 +374,7 @@ impl Core {
         side: Side,
         token: &str,
     ) -> Option<(Conn, mpsc::UnboundedReceiver<Utf8Bytes>, String)> {
-        let party = self.0.by_token(token).filter(|p| p.side == side)?;
+        let party = self.0.by_token(side, token)?;
         Some(Conn::open(self.0.clone(), party))
     }
 }
@@ -559,8 +554,7 @@ fn bearer(headers: &header::HeaderMap) -> Option<&str> {
 
 fn visitor_of(state: &State, bearer: Option<&str>) -> std::result::Result<Arc<Party>, Refusal> {
     bearer
-        .and_then(|t| state.by_token(t))
-        .filter(|p| p.side == Side::Visitor)
+        .and_then(|t| state.by_token(Side::Visitor, t))
         .ok_or_else(|| {
             refuse(
                 StatusCode::UNAUTHORIZED,
@@ -792,8 +786,7 @@ fn upgrade(
 ) -> std::result::Result<Response<Body>, Refusal> {
     let party = query(req.uri().query(), "token")
         .or_else(|| bearer(req.headers()))
-        .and_then(|t| state.by_token(t))
-        .filter(|p| p.side == side)
+        .and_then(|t| state.by_token(side, t))
         .ok_or_else(|| refuse(StatusCode::UNAUTHORIZED, "invalid_token", "unknown token"))?;
     let is_ws = req
         .headers()
