@@ -112,6 +112,76 @@ async fn resend_is_idempotent(backend: Backend) {
         .await;
 }
 
+/// A `client_msg_id` belongs to the participant who first stored it: the other side's send with
+/// the same id is refused, nothing is stored and no `seq` is used up.
+async fn a_client_msg_id_belongs_to_its_first_sender(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let t = app.create_tenant("idowner").await;
+    let (_, _, mut agent) = agent_online(&app, &t, "a@example.com", 1).await;
+    let v = new_visitor(&app, &t).await;
+    let conv = open_conversation(&app, &t, &v, None).await["conversation_id"]
+        .as_i64()
+        .unwrap();
+    agent.recv_type("assigned").await;
+    let mut visitor = Ws::connect(&app, &t.domain, "/ws/visitor", &v.token)
+        .await
+        .unwrap();
+    let first = visitor.say(conv, "shared-id", "from the visitor").await;
+    assert_eq!(first["type"], "ack");
+    agent.heard("from the visitor").await;
+
+    let refused = agent.say(conv, "shared-id", "from the agent").await;
+    assert_eq!(refused["type"], "error");
+    assert_eq!(refused["code"], "client_msg_id_reused");
+    let next = agent.say(conv, "own-id", "reply").await;
+    assert_eq!(
+        next["seq"],
+        first["seq"].as_i64().unwrap() + 1,
+        "no seq used up"
+    );
+    visitor.heard("reply").await;
+
+    let stored = history(&app, &t, conv).await;
+    let texts: Vec<&str> = stored
+        .iter()
+        .filter(|m| m["client_msg_id"] == "shared-id")
+        .map(|m| m["content"]["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, ["from the visitor"]);
+}
+
+/// A client that stored a message and lost the ack before the conversation was closed still
+/// gets that ack on its re-send: the message is stored, and the close must not turn it into an
+/// error the client would take for a loss.
+async fn a_resend_after_close_is_still_acknowledged(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let t = app.create_tenant("lateack").await;
+    let (_, _, mut agent) = agent_online(&app, &t, "a@example.com", 1).await;
+    let v = new_visitor(&app, &t).await;
+    let conv = open_conversation(&app, &t, &v, None).await["conversation_id"]
+        .as_i64()
+        .unwrap();
+    agent.recv_type("assigned").await;
+    let mut visitor = Ws::connect(&app, &t.domain, "/ws/visitor", &v.token)
+        .await
+        .unwrap();
+    let first = visitor.say(conv, "before-close", "last words").await;
+    agent
+        .send(json!({"type": "close", "conversation_id": conv}))
+        .await;
+    assert_eq!(visitor.recv_type("closed").await["conversation_id"], conv);
+
+    let again = visitor.say(conv, "before-close", "last words").await;
+    assert_eq!(again["type"], "ack");
+    assert_eq!(again["duplicate"], true);
+    assert_eq!(again["seq"], first["seq"]);
+    // A new message is refused as before.
+    assert_eq!(
+        visitor.say(conv, "after-close", "hello?").await["code"],
+        "conversation_closed"
+    );
+}
+
 /// A client that was away sees what it missed in `hello` and gets it with `sync`.
 async fn resync_after_disconnect_and_restart(backend: Backend) {
     let app = spawn_app(backend).await;
@@ -311,6 +381,8 @@ on_both!(
     visitor_and_agent_talk,
     every_connection_of_a_visitor_receives,
     resend_is_idempotent,
+    a_client_msg_id_belongs_to_its_first_sender,
+    a_resend_after_close_is_still_acknowledged,
     resync_after_disconnect_and_restart,
     concurrent_senders_keep_seq_gap_free,
     every_connection_of_an_agent_receives,
