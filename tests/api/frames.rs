@@ -11,7 +11,7 @@ use crate::helpers::{Api, Backend, spawn_app, spawn_app_with};
 use crate::on_both;
 use crate::ws::{
     Ws, agent_online, assert_gap_free, assigned_conversation, history, new_visitor,
-    open_conversation,
+    open_conversation, talking,
 };
 
 async fn bad_frames_get_error_frames_and_store_nothing(backend: Backend) {
@@ -279,15 +279,7 @@ async fn conversations_do_not_cross_tenants(backend: Backend) {
     let app = spawn_app(backend).await;
     let a = app.create_tenant("xa").await;
     let b = app.create_tenant("xb").await;
-    let (_, _, mut agent_a) = agent_online(&app, &a, "a@example.com", 1).await;
-    let va = new_visitor(&app, &a).await;
-    let conv = open_conversation(&app, &a, &va, None).await["conversation_id"]
-        .as_i64()
-        .unwrap();
-    agent_a.recv_type("assigned").await;
-    let mut visitor_a = Ws::connect(&app, &a.domain, "/ws/visitor", &va.token)
-        .await
-        .unwrap();
+    let (conv, _, mut visitor_a, mut agent_a) = talking(&app, &a).await;
     visitor_a
         .say(conv, "secret", "my policy number is 42")
         .await;
