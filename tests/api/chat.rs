@@ -9,7 +9,7 @@ use crate::helpers::{Api, Backend, spawn_app};
 use crate::on_both;
 use crate::ws::{
     Ws, agent_online, assert_gap_free, assigned_conversation, history, new_visitor,
-    open_conversation, talking,
+    open_conversation,
 };
 
 /// Visitor opens, agent is assigned, both talk; acks come only for stored messages and the
@@ -63,7 +63,10 @@ async fn visitor_and_agent_talk(backend: Backend) {
 async fn resend_is_idempotent(backend: Backend) {
     let app = spawn_app(backend).await;
     let t = app.create_tenant("idem").await;
-    let (conv, v, mut visitor, mut agent) = talking(&app, &t).await;
+    let (mut agent, v, conv) = assigned_conversation(&app, &t, "a@example.com").await;
+    let mut visitor = Ws::connect(&app, &t.domain, "/ws/visitor", &v.token)
+        .await
+        .unwrap();
     let first = visitor.say(conv, "same-id", "hello").await;
     visitor.close().await;
     let mut visitor = Ws::connect(&app, &t.domain, "/ws/visitor", &v.token)
@@ -108,7 +111,10 @@ async fn resend_is_idempotent(backend: Backend) {
 async fn a_client_msg_id_belongs_to_its_first_sender(backend: Backend) {
     let app = spawn_app(backend).await;
     let t = app.create_tenant("idowner").await;
-    let (conv, _, mut visitor, mut agent) = talking(&app, &t).await;
+    let (mut agent, v, conv) = assigned_conversation(&app, &t, "a@example.com").await;
+    let mut visitor = Ws::connect(&app, &t.domain, "/ws/visitor", &v.token)
+        .await
+        .unwrap();
     let first = visitor.say(conv, "shared-id", "from the visitor").await;
     assert_eq!(first["type"], "ack");
     agent.heard("from the visitor").await;
@@ -139,7 +145,10 @@ async fn a_client_msg_id_belongs_to_its_first_sender(backend: Backend) {
 async fn a_resend_after_close_is_still_acknowledged(backend: Backend) {
     let app = spawn_app(backend).await;
     let t = app.create_tenant("lateack").await;
-    let (conv, _, mut visitor, mut agent) = talking(&app, &t).await;
+    let (mut agent, v, conv) = assigned_conversation(&app, &t, "a@example.com").await;
+    let mut visitor = Ws::connect(&app, &t.domain, "/ws/visitor", &v.token)
+        .await
+        .unwrap();
     let first = visitor.say(conv, "before-close", "last words").await;
     agent
         .send(json!({"type": "close", "conversation_id": conv}))

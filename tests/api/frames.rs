@@ -11,7 +11,7 @@ use crate::helpers::{Api, Backend, spawn_app, spawn_app_with};
 use crate::on_both;
 use crate::ws::{
     Ws, agent_online, assert_gap_free, assigned_conversation, history, new_visitor,
-    open_conversation, talking,
+    open_conversation,
 };
 
 async fn bad_frames_get_error_frames_and_store_nothing(backend: Backend) {
@@ -279,7 +279,10 @@ async fn conversations_do_not_cross_tenants(backend: Backend) {
     let app = spawn_app(backend).await;
     let a = app.create_tenant("xa").await;
     let b = app.create_tenant("xb").await;
-    let (conv, _, mut visitor_a, mut agent_a) = talking(&app, &a).await;
+    let (mut agent_a, v, conv) = assigned_conversation(&app, &a, "a@example.com").await;
+    let mut visitor_a = Ws::connect(&app, &a.domain, "/ws/visitor", &v.token)
+        .await
+        .unwrap();
     visitor_a
         .say(conv, "secret", "my policy number is 42")
         .await;

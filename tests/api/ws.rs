@@ -203,23 +203,6 @@ pub async fn assigned_conversation(
     (agent, v, conv)
 }
 
-/// The start of most conversation tests: an agent online with room for one conversation, a
-/// visitor whose new conversation the queue assigned to it (the agent's `assigned` read), and
-/// the visitor's socket. Returns the conversation's id, the visitor, its socket and the
-/// agent's socket.
-pub async fn talking(app: &impl Api, t: &TestTenant) -> (i64, Visitor, Ws, Ws) {
-    let (_, _, mut agent) = agent_online(app, t, "a@example.com", 1).await;
-    let visitor = new_visitor(app, t).await;
-    let conversation_id = open_conversation(app, t, &visitor, None).await["conversation_id"]
-        .as_i64()
-        .unwrap();
-    agent.recv_type("assigned").await;
-    let visitor_ws = Ws::connect(app, &t.domain, "/ws/visitor", &visitor.token)
-        .await
-        .unwrap();
-    (conversation_id, visitor, visitor_ws, agent)
-}
-
 /// An agent connected over WebSocket.
 pub async fn agent_online(
     app: &impl Api,
