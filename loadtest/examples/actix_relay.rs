@@ -101,7 +101,12 @@ async fn socket(
             tokio::select! {
                 frame = out.recv() => {
                     let Some(frame) = frame else { break };
-                    if session.text(frame.as_str().to_owned()).await.is_err() {
+                    // SAFETY: a `Utf8Bytes` is valid UTF-8 by construction. Handed over as
+                    // it is, as Kefu hands its frames: a copy here would be work Kefu skips.
+                    let frame = unsafe {
+                        bytestring::ByteString::from_bytes_unchecked(bytes::Bytes::from(frame))
+                    };
+                    if session.text(frame).await.is_err() {
                         break;
                     }
                 }
