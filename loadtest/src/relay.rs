@@ -449,11 +449,17 @@ async fn route(
 ) -> std::result::Result<Response<Body>, Refusal> {
     let path = req.uri().path().to_owned();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    if req.method() == Method::GET {
+        match segments.as_slice() {
+            ["ws", "agent"] => return upgrade(state, req, Side::Agent),
+            ["ws", "visitor"] => return upgrade(state, req, Side::Visitor),
+            _ => {}
+        }
+    }
+    // Owned, as the body is read below by consuming the request.
     let query = req.uri().query().map(str::to_owned);
     let bearer = bearer(req.headers()).map(str::to_owned);
     let (status, body) = match (req.method().clone(), segments.as_slice()) {
-        (Method::GET, ["ws", "agent"]) => return upgrade(state, req, Side::Agent),
-        (Method::GET, ["ws", "visitor"]) => return upgrade(state, req, Side::Visitor),
         (Method::GET, ["api", "v1", "visitor", "conversations", id, "events"]) => {
             let id = parse_id(id)?;
             events(state, query.as_deref(), bearer.as_deref(), id).await?
