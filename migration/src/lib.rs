@@ -4,6 +4,8 @@
 //! - [`TenantMigrator`]: every tenant's own database (agents, teams, and later conversations).
 //!
 //! - tenant migration 2 adds visitors, conversations, messages and read positions.
+//! - tenant migration 3 drops, on SQLite only, the unique index on a message's
+//!   `client_msg_id`, a rule the server's SQLite writer keeps itself.
 //!
 //! Both are versioned by sea-orm-migration's `seaql_migrations` table inside their own database,
 //! so running them again is a no-op and a tenant created by an older release is brought up to
@@ -31,6 +33,7 @@ impl MigratorTrait for TenantMigrator {
         vec![
             Box::new(tenant::m20261126_000001_accounts::Migration),
             Box::new(tenant::m20261126_000002_conversations::Migration),
+            Box::new(tenant::m20261128_000003_client_ids_without_index::Migration),
         ]
     }
 }

@@ -206,6 +206,13 @@ pub async fn append_many(
         .collect())
 }
 
+/// How the `client_msg_id` of every system message begins (`system-<seq>`). Clients may not
+/// send an id of this shape (`http::ws::check_send`): one sent ahead would take the id of a
+/// future system message and make that assignment, transfer or close fail; and on SQLite
+/// system messages are stored beside the writer that recognises re-sent ids
+/// (`conversations::client_ids`).
+pub const SYSTEM_ID_PREFIX: &str = "system-";
+
 /// The text of [`append_many`]'s statement. Its parameters: the conversations, client message
 /// ids, sender kinds, sender ids and contents as five arrays of one element per message, then
 /// the time stored as `created_at`. Each returned row is a message (columns `m_*`): a re-send's
@@ -383,7 +390,7 @@ pub async fn apply(db: &impl ConnectionTrait, change: &Change) -> Result<Written
     let message = insert(
         db,
         &conversation,
-        &format!("system-{}", conversation.last_seq),
+        &format!("{SYSTEM_ID_PREFIX}{}", conversation.last_seq),
         "system",
         None,
         content.to_string(),
@@ -521,6 +528,7 @@ pub mod sync {
 
     use super::{NewMessage, WriteError, Written, refusal, same_sender};
     use crate::conversations::Participant;
+    use crate::conversations::client_ids::ClientIds;
 
     // Macros rather than consts so that every statement is one literal: no text is built
     // per message, and the statement cache finds each by the same key.
@@ -541,6 +549,9 @@ pub mod sync {
              c.created_at, c.assigned_at, c.closed_at, c.closed_by, c.abandoned"
         };
     }
+    // No index leads with `client_msg_id` on SQLite (`conversations::client_ids`): this reads
+    // the conversation's rows through `uq_messages_seq`, and runs only when the writer may
+    // have stored the id.
     const FIND_RESENT: &str = concat!(
         "SELECT ",
         message_columns!(),
@@ -592,23 +603,30 @@ pub mod sync {
         " FROM messages WHERE conversation_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3"
     );
 
-    /// Statements a writer connection keeps prepared: the five of the writer above, with room
-    /// to spare (read connections keep their own, `storage::reader`).
+    /// Statements a writer connection keeps prepared: the five of the writer above and
+    /// `client_ids`' one, with room to spare (read connections keep their own,
+    /// `storage::reader`).
     pub const STATEMENT_CACHE: usize = 16;
 
     /// Appends one message; `Err` is a storage failure (the transaction must roll back).
+    /// `ids` is the writer's memory of the ids stored (see `conversations::client_ids`); it
+    /// must be forgotten if the transaction rolls back.
     pub fn append(
         db: &Connection,
+        ids: &mut ClientIds,
         m: &NewMessage,
         now: DateTime<Utc>,
     ) -> rusqlite::Result<Result<Written, WriteError>> {
-        // A re-send is answered with the first copy; nothing is stored.
-        let existing = db
-            .prepare_cached(FIND_RESENT)?
-            .query_row(params![m.conversation_id, m.client_msg_id], message_row)
-            .optional()?;
-        if let Some(e) = existing {
-            return Ok(same_sender(e, m.sender));
+        // A re-send is answered with the first copy; nothing is stored. The rows are read
+        // only for an id the writer may have stored (a re-send, seldom anything else).
+        if ids.may_hold(db, m.conversation_id, &m.client_msg_id)? {
+            let existing = db
+                .prepare_cached(FIND_RESENT)?
+                .query_row(params![m.conversation_id, m.client_msg_id], message_row)
+                .optional()?;
+            if let Some(e) = existing {
+                return Ok(same_sender(e, m.sender));
+            }
         }
         // Allocate the seq; only the visitor (until closed) or the agent (while active) may
         // write, so a refused sender simply updates nothing.
@@ -642,6 +660,7 @@ pub mod sync {
             // same as the rows it wrote itself.
             now.to_rfc3339_opts(SecondsFormat::AutoSi, false),
         ])?;
+        ids.stored(m.conversation_id, &m.client_msg_id);
         let message = message::Model {
             id: db.last_insert_rowid(),
             conversation_id: m.conversation_id,

@@ -6,7 +6,10 @@
 //!   the database, under the conversation row's lock, so `seq` stays gap-free and unique even
 //!   when several writers (or nodes) append to the same conversation at once. They run only
 //!   inside the group-commit writer ([`crate::storage::writer`]).
+//! - [`client_ids`]: how the SQLite writer recognises a re-sent `client_msg_id` without a
+//!   unique index.
 
+pub mod client_ids;
 pub mod log;
 pub mod store;
 

@@ -23,7 +23,7 @@ use crate::actors::conn::{Alarm, Attach, ConnHandle, Detach, Kill};
 use crate::actors::conversation::{Origin, Submit, Typing};
 use crate::actors::{Found, Realtime};
 use crate::actors::{agent, queue};
-use crate::conversations::log::{Closer, NewMessage};
+use crate::conversations::log::{Closer, NewMessage, SYSTEM_ID_PREFIX};
 use crate::conversations::{
     ConversationStatus, ConversationSummary, MessageView, Participant, store,
 };
@@ -640,6 +640,15 @@ pub fn check_send(
             field: "client_msg_id",
             message: format!(
                 "client_msg_id must be 1 to {MAX_CLIENT_MSG_ID} visible ASCII characters"
+            ),
+        });
+    }
+    if client_msg_id.starts_with(SYSTEM_ID_PREFIX) {
+        return Err(SendRefusal {
+            code: "invalid_frame",
+            field: "client_msg_id",
+            message: format!(
+                "client_msg_id may not begin with \"{SYSTEM_ID_PREFIX}\" (system messages' ids)"
             ),
         });
     }

@@ -17,6 +17,9 @@
 //!   conversation holds). SQLite's automatic WAL checkpoint would run inside whichever commit
 //!   crosses its threshold and hold every queued message behind the copy and its `fsync` (the
 //!   benchmark's p99 tail); a [`Checkpointer`] thread does it beside the writer instead.
+//!   Being the only thread that appends messages to its file, it also keeps the rule that a
+//!   `client_msg_id` is stored once per conversation, from memory
+//!   (`conversations::client_ids`), where PostgreSQL has a unique index.
 //! - PostgreSQL: a task on the async runtime; the hand-offs are network round trips there
 //!   anyway. It has a connection of its own, held outside any pool, that plans each
 //!   statement once (`storage::writer_connection`).
@@ -31,6 +34,7 @@ use tokio::sync::{oneshot, watch};
 
 use super::HeldConnection;
 use crate::conversations::Participant;
+use crate::conversations::client_ids::ClientIds;
 use crate::conversations::log::{self, Change, NewMessage, WriteError, Written};
 
 /// Most operations in one transaction: bounds how long one commit holds the write lock and
@@ -90,6 +94,11 @@ pub struct Writers {
     inner: Arc<DashMap<i64, Writer>>,
     /// Distinguishes a writer from its successor when an idle one removes itself.
     next_id: Arc<AtomicU64>,
+    /// Per SQLite tenant, held by its writer thread for its whole life: a successor started
+    /// while an idle writer still answers its last late sends waits for it to end. The
+    /// writer's memory of stored ids (`conversations::client_ids`) is right only while no
+    /// other writer appends to the same file.
+    turns: Arc<DashMap<i64, Arc<std::sync::Mutex<()>>>>,
     /// Other nodes write the same databases (cluster mode): batches then lock their
     /// conversations in one order first (see [`lock_in_order`]). Alone, a tenant's batches run
     /// one after another and that extra round trip would buy nothing.
@@ -112,6 +121,7 @@ impl Writers {
         Self {
             inner: Arc::default(),
             next_id: Arc::default(),
+            turns: Arc::default(),
             shared,
         }
     }
@@ -169,9 +179,12 @@ impl Writers {
                 let messages_only = file.is_some();
                 match file {
                     Some(path) => {
+                        let turn = self.turns.entry(tenant_id).or_default().clone();
                         let spawned = std::thread::Builder::new()
                             .name(format!("kefu-writer-{tenant_id}"))
                             .spawn(move || {
+                                // A writer that panicked released its turn all the same.
+                                let _turn = turn.lock().unwrap_or_else(|e| e.into_inner());
                                 run_sqlite(tenant_id, id, &path, rx, map);
                                 drop(done_tx);
                             });
@@ -267,6 +280,7 @@ fn run_sqlite(
     {
         tracing::warn!(error = %e, tenant_id, "automatic checkpoints stay on the writer");
     }
+    let mut ids = ClientIds::default();
     let mut batch = Vec::with_capacity(MAX_BATCH);
     loop {
         let first = match rx.recv_timeout(IDLE_EXIT) {
@@ -278,14 +292,14 @@ fn run_sqlite(
                 while let Ok(job) = rx.recv_timeout(LATE_SEND_GRACE) {
                     batch.push(job);
                     batch.extend(rx.try_iter().take(MAX_BATCH - 1));
-                    write_batch_sqlite(&mut db, &mut batch);
+                    write_batch_sqlite(&mut db, &mut ids, &mut batch);
                 }
                 break;
             }
         };
         batch.push(first);
         batch.extend(rx.try_iter().take(MAX_BATCH - 1));
-        write_batch_sqlite(&mut db, &mut batch);
+        write_batch_sqlite(&mut db, &mut ids, &mut batch);
         if let Some(c) = &checkpointer {
             c.committed(&mut db, tenant_id);
         }
@@ -445,14 +459,14 @@ fn open_sqlite(path: &std::path::Path) -> rusqlite::Result<rusqlite::Connection>
 /// One transaction for the whole batch, answered after the commit. Any storage error fails
 /// the batch and nothing of it is acknowledged: the transaction rolls back (dropped
 /// uncommitted), so no `seq` is left behind.
-fn write_batch_sqlite(db: &mut rusqlite::Connection, batch: &mut Vec<Job>) {
+fn write_batch_sqlite(db: &mut rusqlite::Connection, ids: &mut ClientIds, batch: &mut Vec<Job>) {
     let results = (|| {
         let txn = db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let now = chrono::Utc::now();
         let mut results = Vec::with_capacity(batch.len());
         for job in batch.iter() {
             results.push(match &job.op {
-                WriteOp::Message(m) => log::sync::append(&txn, m, now)?,
+                WriteOp::Message(m) => log::sync::append(&txn, ids, m, now)?,
                 // `Writers::write` never queues these here.
                 WriteOp::Change(_) | WriteOp::Read { .. } => Err(WriteError::Unavailable),
             });
@@ -460,6 +474,10 @@ fn write_batch_sqlite(db: &mut rusqlite::Connection, batch: &mut Vec<Job>) {
         txn.commit()?;
         Ok::<_, rusqlite::Error>(results)
     })();
+    if results.is_err() {
+        // Rolled back: the ids recorded in it were not stored after all.
+        ids.forget_all();
+    }
     answer(batch, results);
 }
 

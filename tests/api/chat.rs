@@ -228,7 +228,21 @@ async fn resync_after_disconnect_and_restart(backend: Backend) {
     let ack = visitor.say(conv, "after-restart", "still there?").await;
     assert_eq!(ack["seq"], seen + 4);
     agent.heard("still there?").await;
-    assert_gap_free(&history(&app, &t, conv).await);
+    // Ids stored before the restart are still recognised (SQLite's writer learns them from
+    // the stored rows): the same sender's re-send is a duplicate, the other side's refused.
+    let again = visitor.say(conv, "v1", "first").await;
+    assert_eq!(again["duplicate"], true, "{again}");
+    assert_eq!(again["seq"], seen);
+    let again = agent.say(conv, "a2", "reply 2").await;
+    assert_eq!(again["duplicate"], true, "{again}");
+    assert_eq!(again["seq"], seen + 3);
+    assert_eq!(
+        visitor.say(conv, "a0", "not mine").await["code"],
+        "client_msg_id_reused"
+    );
+    let stored = history(&app, &t, conv).await;
+    assert_gap_free(&stored);
+    assert_eq!(stored.last().expect("messages")["seq"], seen + 4);
 }
 
 /// Many senders on one conversation at once (two agent tabs, two visitor tabs, HTTP): every
@@ -361,7 +375,41 @@ async fn every_connection_of_a_visitor_receives(backend: Backend) {
     tab3.heard("from tab 2").await;
 }
 
+/// Rule 3 is kept by a unique index on PostgreSQL, where several nodes append to one
+/// conversation, and by SQLite's one writer per tenant without one (`conversations::client_ids`).
+async fn the_client_msg_id_index_is_where_writers_share(backend: Backend) {
+    use sea_orm::{ConnectionTrait, DbBackend, Statement};
+
+    let app = spawn_app(backend).await;
+    let t = app.create_tenant("index").await;
+    let storage = app.state.tenants.storage().clone();
+    let db = storage
+        .tenant(&storage.tenant_db_name(&t.slug))
+        .await
+        .unwrap();
+    let sql = match db.get_database_backend() {
+        DbBackend::Sqlite => {
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'messages'"
+        }
+        _ => "SELECT indexname AS name FROM pg_indexes WHERE tablename = 'messages'",
+    };
+    let names: Vec<String> = db
+        .query_all_raw(Statement::from_string(db.get_database_backend(), sql))
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.try_get::<String>("", "name").unwrap())
+        .collect();
+    assert!(names.iter().any(|n| n == "uq_messages_seq"), "{names:?}");
+    let has_id_index = names.iter().any(|n| n == "uq_messages_client_msg_id");
+    match backend {
+        Backend::Sqlite => assert!(!has_id_index, "{names:?}"),
+        Backend::Postgres => assert!(has_id_index, "{names:?}"),
+    }
+}
+
 on_both!(
+    the_client_msg_id_index_is_where_writers_share,
     visitor_and_agent_talk,
     every_connection_of_a_visitor_receives,
     resend_is_idempotent,

@@ -76,6 +76,11 @@ async fn bad_frames_get_error_frames_and_store_nothing(backend: Backend) {
             Message::text(send(conv, "blank", "   ").to_string()),
             "invalid_frame",
         ),
+        // System messages' ids are reserved: one sent ahead would block a later close.
+        (
+            Message::text(send(conv, "system-9", "a system id").to_string()),
+            "invalid_frame",
+        ),
         (
             Message::text(send(conv, "long", &"字".repeat(101)).to_string()),
             "message_too_long",

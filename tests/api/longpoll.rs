@@ -152,6 +152,7 @@ async fn long_poll_refuses_what_is_not_yours(backend: Backend) {
     assert_eq!(res.status(), StatusCode::NOT_FOUND);
     for body in [
         json!({"client_msg_id": "", "content": {"kind": "text", "text": "x"}}),
+        json!({"client_msg_id": "system-3", "content": {"kind": "text", "text": "x"}}),
         json!({"client_msg_id": "x", "content": {"kind": "text", "text": "x".repeat(4001)}}),
         json!({"client_msg_id": "x", "content": {"kind": "video"}}),
         json!({"client_msg_id": "x"}),

@@ -1,2 +1,3 @@
 pub mod m20261126_000001_accounts;
 pub mod m20261126_000002_conversations;
+pub mod m20261128_000003_client_ids_without_index;
