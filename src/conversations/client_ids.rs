@@ -2,11 +2,12 @@
 //! re-send is recognised on SQLite without a unique index on `(conversation_id,
 //! client_msg_id)`.
 //!
-//! That index cost the writer more than anything else it kept up to date: a client's ids
-//! land anywhere in their conversation's part of it, so each message dirtied one more page
-//! that the next commit wrote out whole, and its cost grew with the table (the writer's CPU
-//! per message from 30 to 35 µs between 170,000 and a million stored messages, against 24 µs
-//! flat without it: docs/benchmarks.md, "The client_msg_id index"). On SQLite one writer
+//! That index cost the writer more than anything else it kept up to date, and more as the
+//! table grew (the writer's CPU per message from 30 to 35 µs between 170,000 and a million
+//! stored messages, against 24 µs flat without it): a client's ids land in the middle of
+//! their conversation's part of it, not at its end as a new `seq` does, and an index on a
+//! hash of the id costs the same (docs/benchmarks.md, "The `client_msg_id` index replaced by
+//! the writer's memory"). On SQLite one writer
 //! thread appends every message of a tenant (`storage::writer`), and only one runs per tenant
 //! at a time, so that thread can keep the rule itself: it holds a 32-bit keyed hash of every
 //! id of the conversations it writes to, loaded from the conversation's rows the first time
