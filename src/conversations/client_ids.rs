@@ -35,7 +35,8 @@ use rusqlite::{Connection, params};
 const MAX_HELD_IDS: usize = 1 << 21;
 
 /// The reads this module does, on the writer's connection (inside its transaction).
-const IDS_OF_CONVERSATION: &str = "SELECT client_msg_id FROM messages WHERE conversation_id = ?1";
+pub(crate) const IDS_OF_CONVERSATION: &str =
+    "SELECT client_msg_id FROM messages WHERE conversation_id = ?1";
 
 /// What one writer knows of the ids stored per conversation.
 pub struct ClientIds {

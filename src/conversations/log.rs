@@ -795,4 +795,53 @@ pub mod sync {
     fn bad_time(i: usize) -> rusqlite::Error {
         rusqlite::Error::FromSqlConversionFailure(i, Type::Text, "not a timestamp".into())
     }
+
+    #[cfg(test)]
+    mod tests {
+        use migration::{MigratorTrait, TenantMigrator};
+        use rusqlite::types::Value;
+
+        use super::*;
+        use crate::conversations::client_ids::IDS_OF_CONVERSATION;
+
+        /// No index leads with `client_msg_id` on SQLite: the writer's reads by id must still
+        /// go through the conversation's part of `uq_messages_seq`, never the whole table.
+        #[tokio::test]
+        async fn the_writers_reads_by_id_search_the_seq_index() {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("tenant.db");
+            let db = sea_orm::Database::connect(format!("sqlite://{}?mode=rwc", path.display()))
+                .await
+                .expect("connect");
+            TenantMigrator::up(&db, None).await.expect("migrate");
+            db.close().await.expect("close");
+            let db = Connection::open(&path).expect("open");
+            for sql in [FIND_RESENT, IDS_OF_CONVERSATION] {
+                let mut plan = db
+                    .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                    .expect("prepare");
+                let values: Vec<Value> = (0..plan.parameter_count())
+                    .map(|i| match i {
+                        0 => Value::Integer(1),
+                        _ => Value::Text("x".into()),
+                    })
+                    .collect();
+                let steps: Vec<String> = plan
+                    .query_map(rusqlite::params_from_iter(values), |r| r.get(3))
+                    .expect("plan")
+                    .collect::<Result<_, _>>()
+                    .expect("rows");
+                assert!(
+                    steps
+                        .iter()
+                        .any(|s| s.starts_with("SEARCH messages USING INDEX uq_messages_seq")),
+                    "{sql}: {steps:?}"
+                );
+                assert!(
+                    !steps.iter().any(|s| s.starts_with("SCAN")),
+                    "{sql}: {steps:?}"
+                );
+            }
+        }
+    }
 }
