@@ -39,7 +39,14 @@ pub async fn request_context(
                 && v.bytes().all(|b| b.is_ascii_graphic())
         })
         .map(str::to_owned)
-        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+        // A v4 UUID from the thread's generator: `Uuid::new_v4` asks the kernel for its bytes
+        // (a `getrandom` call per request, every long-poll and every socket's upgrade).
+        .unwrap_or_else(|| {
+            uuid::Builder::from_random_bytes(rand::random())
+                .into_uuid()
+                .simple()
+                .to_string()
+        });
     // The caller's trace, continued with a span of our own, or a new trace: every request
     // has one, so its log lines (and what it causes on other nodes) can be found together.
     let caller = req
