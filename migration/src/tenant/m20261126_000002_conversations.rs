@@ -108,18 +108,7 @@ impl MigrationTrait for Migration {
                     .to_owned(),
             )
             .await?;
-        manager
-            .create_index(
-                Index::create()
-                    .if_not_exists()
-                    .name("uq_messages_client_msg_id")
-                    .table(Messages::Table)
-                    .col(Messages::ConversationId)
-                    .col(Messages::ClientMsgId)
-                    .unique()
-                    .to_owned(),
-            )
-            .await?;
+        manager.create_index(client_msg_id_index()).await?;
         manager
             .create_table(
                 Table::create()
@@ -179,6 +168,19 @@ enum Conversations {
     ClosedAt,
     ClosedBy,
     Abandoned,
+}
+
+/// The unique index on a message's `client_msg_id` per conversation; dropped on SQLite by
+/// tenant migration 3, which recreates it going down.
+pub(super) fn client_msg_id_index() -> IndexCreateStatement {
+    Index::create()
+        .if_not_exists()
+        .name("uq_messages_client_msg_id")
+        .table(Messages::Table)
+        .col(Messages::ConversationId)
+        .col(Messages::ClientMsgId)
+        .unique()
+        .to_owned()
 }
 
 #[derive(DeriveIden)]

@@ -32,16 +32,7 @@ impl MigrationTrait for Migration {
             return Ok(());
         }
         manager
-            .create_index(
-                Index::create()
-                    .if_not_exists()
-                    .name("uq_messages_client_msg_id")
-                    .table(Messages::Table)
-                    .col(Messages::ConversationId)
-                    .col(Messages::ClientMsgId)
-                    .unique()
-                    .to_owned(),
-            )
+            .create_index(super::m20261126_000002_conversations::client_msg_id_index())
             .await
     }
 }
@@ -49,6 +40,4 @@ impl MigrationTrait for Migration {
 #[derive(DeriveIden)]
 enum Messages {
     Table,
-    ConversationId,
-    ClientMsgId,
 }
