@@ -7,11 +7,10 @@
 //! stored messages, against 24 µs flat without it): a client's ids land in the middle of
 //! their conversation's part of it, not at its end as a new `seq` does, and an index on a
 //! hash of the id costs the same (docs/benchmarks.md, "The `client_msg_id` index replaced by
-//! the writer's memory"). On SQLite one writer
-//! thread appends every message of a tenant (`storage::writer`), and only one runs per tenant
-//! at a time, so that thread can keep the rule itself: it holds a 32-bit keyed hash of every
-//! id of the conversations it writes to, loaded from the conversation's rows the first time
-//! it meets one. An id whose hash it does not hold is surely new; a hash it holds is checked
+//! the writer's memory"). On SQLite one writer thread appends every message of a tenant
+//! (`storage::writer`), and only one runs per tenant at a time, so that thread can keep the
+//! rule itself: it holds a 32-bit keyed hash of every id of the conversations it writes to,
+//! loaded from the conversation's rows the first time it meets one. An id whose hash it does not hold is surely new; a hash it holds is checked
 //! against the stored rows (a re-send, or once in a few billion a collision).
 //!
 //! System messages are stored beside the writer, on the tenant's pool, so it does not hold
@@ -50,13 +49,14 @@ pub struct ClientIds {
     held: usize,
     /// [`MAX_HELD_IDS`], or less in tests.
     limit: usize,
-    /// Counts appends; a conversation's last one orders what is forgotten first.
+    /// Counts lookups (one per append); a conversation's last one orders what is forgotten
+    /// first.
     clock: u64,
 }
 
 struct Known {
     hashes: HashSet<u32, BuildHasherDefault<Spread>>,
-    /// The `clock` of this conversation's last append.
+    /// The `clock` of this conversation's last lookup.
     used: u64,
 }
 
@@ -121,9 +121,7 @@ impl ClientIds {
             && known.hashes.insert(hash)
         {
             self.held += 1;
-            if self.held > self.limit {
-                self.make_room();
-            }
+            self.make_room();
         }
     }
 
