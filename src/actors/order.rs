@@ -174,31 +174,59 @@ impl SeqOrder {
         None
     }
 
-    /// The answer to [`Offered::Fill`]: the conversation's messages from storage (none when
-    /// storage failed or was too slow). Everything held is handed over, merged with what was
-    /// fetched, in `seq` order; a gap storage could not fill stays for the client to sync.
+    /// The answer to [`Offered::Fill`]: the conversation's messages from storage, or `None`
+    /// when storage failed or was too slow. What now follows without a gap, held or fetched,
+    /// is handed over in `seq` order (held writes win over their fetched copies).
+    ///
+    /// A gap can outlive a good read: the read began before a write was committed, and a later
+    /// write arrived while it ran (two nodes writing at once). A held write proves everything
+    /// below it is committed (`seq` is allocated under the conversation's row lock), so
+    /// reading again closes the gap; this returns another [`Offered::Fill`] for that. Only a
+    /// read that failed, or that reached past the gap without filling it, gives up and hands
+    /// over what is held, leaving the gap for the client to sync: handing over past a gap that
+    /// storage could still fill would make its late notice look like a repeat, and drop it.
     pub fn filled(
         &mut self,
         conversation_id: i64,
-        fetched: Vec<MessageView>,
+        fetched: Option<Vec<MessageView>>,
         conns: &[ConnHandle],
-    ) {
+    ) -> Offered {
         let Some(gaps) = self.gaps.as_mut() else {
-            return;
+            return Offered::Done;
         };
         gaps.filling.remove(&conversation_id);
-        let mut held = gaps.held.remove(&conversation_id).unwrap_or_default();
-        if gaps.held.is_empty() && gaps.filling.is_empty() {
-            self.gaps = None;
-        }
-        let last = self.last.get(&conversation_id).copied().unwrap_or(0);
-        for view in fetched {
-            if view.seq > last {
+        let before = self.last.get(&conversation_id).copied().unwrap_or(0);
+        // Storage's rows are gap-free, so a read saw every `seq` up to its highest. An empty
+        // one cannot be behind a held write (a read starts only while one is held): give up.
+        let reached = fetched.iter().flatten().map(|v| v.seq).max();
+        let held = gaps.held.entry(conversation_id).or_default();
+        for view in fetched.into_iter().flatten() {
+            if view.seq > before {
                 held.entry(view.seq)
                     .or_insert_with(|| DeliverWrite::from_storage(&view));
             }
         }
-        self.hand_over_in_order(conversation_id, held, conns);
+        self.release_contiguous(conversation_id, conns);
+        let last = self.last.get(&conversation_id).copied().unwrap_or(0);
+        if let Some(gaps) = self.gaps.as_mut()
+            && gaps.held.contains_key(&conversation_id)
+            && reached.is_some_and(|r| r <= last)
+        {
+            gaps.filling.insert(conversation_id);
+            return Offered::Fill {
+                conversation_id,
+                after: last,
+            };
+        }
+        self.release_all(conversation_id, conns);
+        if self
+            .gaps
+            .as_ref()
+            .is_some_and(|g| g.held.is_empty() && g.filling.is_empty())
+        {
+            self.gaps = None;
+        }
+        Offered::Done
     }
 
     /// Hands over the held writes that now follow without a gap.
@@ -274,35 +302,42 @@ pub fn handle_write<A: OrderedHub>(act: &mut A, w: DeliverWrite, ctx: &mut Conte
         conversation_id, ..
     } = order.offer(w, conns)
     {
-        ctx.run_later(FILL_GRACE, move |act, ctx| {
-            let Some(after) = act.order_and_conns().0.still_waiting(conversation_id) else {
-                return;
-            };
-            let (rt, tenant) = act.storage();
-            tracing::debug!(tenant = %tenant.slug, conversation_id, after, "gap in a conversation's writes; filling from storage");
-            let fetch = async move {
-                let fetch = async {
-                    let db = rt.db(&tenant).await.ok()?;
-                    // Through the pool: a read on this thread would hold every actor on it.
-                    store::messages_after(&db, None, conversation_id, after, store::MAX_PAGE)
-                        .await
-                        .ok()
-                };
-                tokio::time::timeout(FILL_TIMEOUT, fetch)
-                    .await
-                    .ok()
-                    .flatten()
-                    .unwrap_or_default()
-            };
-            ctx.spawn(fetch.into_actor(act).map(move |fetched, act, _| {
-                let (order, conns) = act.order_and_conns();
-                let views = fetched.into_iter().map(MessageView::from).collect();
-                order.filled(conversation_id, views, conns);
-                act.handed_over();
-            }));
-        });
+        fill_later(conversation_id, ctx);
     }
     act.handed_over();
+}
+
+/// After [`FILL_GRACE`], reads what a conversation's gap still misses from storage and hands
+/// it over; again if [`SeqOrder::filled`] asks for another read.
+fn fill_later<A: OrderedHub>(conversation_id: i64, ctx: &mut Context<A>) {
+    ctx.run_later(FILL_GRACE, move |act, ctx| {
+        let Some(after) = act.order_and_conns().0.still_waiting(conversation_id) else {
+            return;
+        };
+        let (rt, tenant) = act.storage();
+        tracing::debug!(tenant = %tenant.slug, conversation_id, after, "gap in a conversation's writes; filling from storage");
+        let fetch = async move {
+            let fetch = async {
+                let db = rt.db(&tenant).await.ok()?;
+                // Through the pool: a read on this thread would hold every actor on it.
+                store::messages_after(&db, None, conversation_id, after, store::MAX_PAGE)
+                    .await
+                    .ok()
+            };
+            tokio::time::timeout(FILL_TIMEOUT, fetch)
+                .await
+                .ok()
+                .flatten()
+        };
+        ctx.spawn(fetch.into_actor(act).map(move |fetched, act, ctx| {
+            let (order, conns) = act.order_and_conns();
+            let views = fetched.map(|rows| rows.into_iter().map(MessageView::from).collect());
+            if let Offered::Fill { .. } = order.filled(conversation_id, views, conns) {
+                fill_later(conversation_id, ctx);
+            }
+            act.handed_over();
+        }));
+    });
 }
 
 #[cfg(test)]
@@ -372,7 +407,7 @@ mod tests {
         o.offer(write(2, None), &conns);
         assert_eq!(drain(&mut rx), ["m2", "ack3"]);
         // The fill then finds nothing new; nothing is repeated.
-        o.filled(7, vec![view(2), view(3)], &conns);
+        o.filled(7, Some(vec![view(2), view(3)]), &conns);
         assert!(drain(&mut rx).is_empty());
         assert!(o.gaps.is_none());
     }
@@ -385,7 +420,7 @@ mod tests {
         o.offer(write(1, None), &conns);
         o.offer(write(4, Some(&conns[0])), &conns);
         o.offer(write(5, None), &conns);
-        o.filled(7, vec![view(2), view(3), view(4), view(5)], &conns);
+        o.filled(7, Some(vec![view(2), view(3), view(4), view(5)]), &conns);
         let got = drain(&mut rx);
         assert_eq!(got.len(), 5, "{got:?}");
         assert_eq!(got[0], "m1");
@@ -420,13 +455,65 @@ mod tests {
     }
 
     #[test]
+    fn a_gap_that_opens_while_a_fill_reads_is_read_again_not_skipped() {
+        let (conn, mut rx, _) = ConnHandle::new(1, 64);
+        let conns = [conn];
+        let mut o = SeqOrder::default();
+        o.offer(write(1, None), &conns);
+        o.offer(write(3, None), &conns);
+        // The grace runs out: a read after 1 begins, and sees 2 and 3.
+        assert_eq!(o.still_waiting(7), Some(1));
+        // Meanwhile 2 arrives and closes that gap; 5 arrives before 4 is even committed.
+        o.offer(write(2, None), &conns);
+        o.offer(write(5, None), &conns);
+        assert_eq!(drain(&mut rx), ["m1", "m2", "m3"]);
+        // The read knew nothing of 4 or 5: 5 stays held and storage is read again.
+        assert_eq!(
+            o.filled(7, Some(vec![view(2), view(3)]), &conns),
+            Offered::Fill {
+                conversation_id: 7,
+                after: 3
+            }
+        );
+        assert!(drain(&mut rx).is_empty(), "5 is not handed over past 4");
+        assert_eq!(o.still_waiting(7), Some(3));
+        assert_eq!(
+            o.filled(7, Some(vec![view(4), view(5)]), &conns),
+            Offered::Done
+        );
+        let got = drain(&mut rx);
+        assert!(got.len() == 2 && got[0].contains("\"seq\":4"), "{got:?}");
+        assert_eq!(got[1], "m5");
+        // The notice of 4 that was still travelling changes nothing.
+        o.offer(write(4, None), &conns);
+        assert!(drain(&mut rx).is_empty());
+        assert!(o.gaps.is_none());
+    }
+
+    #[test]
+    fn a_read_that_passes_a_gap_without_filling_it_gives_up() {
+        let (conn, mut rx, _) = ConnHandle::new(1, 64);
+        let conns = [conn];
+        let mut o = SeqOrder::default();
+        o.offer(write(1, None), &conns);
+        o.offer(write(4, None), &conns);
+        // Storage without 3 (it cannot happen while seq is gap-free; the hub must not loop).
+        assert_eq!(
+            o.filled(7, Some(vec![view(2), view(4)]), &conns),
+            Offered::Done
+        );
+        assert_eq!(drain(&mut rx).len(), 3);
+        assert!(o.gaps.is_none());
+    }
+
+    #[test]
     fn a_failed_fill_hands_over_what_is_held() {
         let (conn, mut rx, _) = ConnHandle::new(1, 64);
         let conns = [conn];
         let mut o = SeqOrder::default();
         o.offer(write(1, None), &conns);
         o.offer(write(3, None), &conns);
-        o.filled(7, Vec::new(), &conns);
+        o.filled(7, None, &conns);
         assert_eq!(drain(&mut rx), ["m1", "m3"]);
         // A repeated ack (a duplicate send) still reaches its sender.
         o.offer(write(3, Some(&conns[0])), &conns);
