@@ -11,9 +11,11 @@
 //! - [`queue::QueueActor`]: one per tenant: queues per team, agents' presence and load, and
 //!   the decisions (assign, transfer, requeue, close, abandon).
 //!
-//! Actors run on a small pool of arbiters owned by [`Realtime`], so stopping the pool stops
-//! every actor of this server. Connections run on the HTTP workers and talk to actors only
-//! through their addresses and a [`conn::ConnHandle`].
+//! Actors run on a small pool of arbiters owned by [`Realtime`], except visitors' hubs, which
+//! start on the HTTP worker of the socket that needs them first (see [`Place`]); stopping
+//! the server's workers and then the pool stops every actor of this server. Connections run
+//! on the HTTP workers and talk to actors only through their addresses and a
+//! [`conn::ConnHandle`].
 //!
 //! [`Realtime`] is also the bus. On a single node it delivers to the actors of this process;
 //! in cluster mode ([`crate::cluster`]) it also publishes each frame as a notice for the nodes
@@ -122,6 +124,22 @@ fn join_frames(frames: &[ByteString]) -> bytes::Bytes {
 
 fn split_frames(payload: &ByteString) -> Arc<[ByteString]> {
     payload.split('\n').map(|f| payload.slice_ref(f)).collect()
+}
+
+/// Which thread a new actor runs on.
+#[derive(Clone, Copy)]
+enum Place {
+    /// One of [`Realtime`]'s actor threads, chosen by the actor's key: conversations and
+    /// agents' hubs, which are few and busy, and exchange most of their messages there.
+    ActorThreads,
+    /// The caller's own thread when it has an arbiter (an HTTP worker opening a socket), else
+    /// as [`Place::ActorThreads`]: visitors' hubs, one per idle visitor, mostly started by
+    /// the visitor's first socket. Started there, a hub costs the opening no hand-over to
+    /// another thread and no wake-up of it, a sixth of the server's CPU per connection
+    /// opened; a message then costs the socket's worker the hub's share of its delivery
+    /// instead of the actor thread, which measured within noise for visitors' hubs and not
+    /// for agents' (docs/benchmarks.md, "Visitors' hubs on their socket's worker").
+    Here,
 }
 
 /// What a registry lookup found.
@@ -392,13 +410,14 @@ impl Realtime {
         });
     }
 
-    /// Finds the running actor under `key` in `map`, or starts one with `make` on the key's
-    /// arbiter (then the caller sets up what a new actor needs, its subscription).
+    /// Finds the running actor under `key` in `map`, or starts one with `make` where `place`
+    /// says (then the caller sets up what a new actor needs, its subscription).
     fn start_registered<A>(
         &self,
         map: &DashMap<Key, Addr<A>>,
         kind: &'static str,
         key: Key,
+        place: Place,
         make: impl Fn() -> A + Clone + Send + 'static,
     ) -> Found<A>
     where
@@ -408,8 +427,12 @@ impl Realtime {
         if let Some(a) = live(map, &key) {
             return Found::Running(a);
         }
+        let here = matches!(place, Place::Here) && Arbiter::try_current().is_some();
         let arbiter = self.arbiter_for(&(kind, key)).clone();
         let start = || {
+            if here {
+                return make().start();
+            }
             let make = make.clone();
             A::start_in_arbiter(&arbiter, move |_| make())
         };
@@ -424,7 +447,14 @@ impl Realtime {
     pub fn conversation(&self, tenant: &Arc<TenantRecord>, id: i64) -> Addr<ConversationActor> {
         let (rt, t) = (self.clone(), tenant.clone());
         let make = move || ConversationActor::new(rt.clone(), t.clone(), id);
-        match self.start_registered(&self.inner.conversations, "conv", (tenant.id, id), make) {
+        let conversations = &self.inner.conversations;
+        match self.start_registered(
+            conversations,
+            "conv",
+            (tenant.id, id),
+            Place::ActorThreads,
+            make,
+        ) {
             Found::Running(running) => running,
             Found::Started(started) => {
                 self.listen(
@@ -705,6 +735,7 @@ impl Realtime {
             agent_id,
             |i| &i.agents,
             [subject::agent, subject::agent_writes],
+            Place::ActorThreads,
             make,
         )
     }
@@ -731,6 +762,7 @@ impl Realtime {
             visitor_id,
             |i| &i.visitors,
             [subject::visitor, subject::visitor_writes],
+            Place::Here,
             make,
         )
     }
@@ -745,6 +777,7 @@ impl Realtime {
         id: i64,
         hubs: fn(&Inner) -> &DashMap<Key, Addr<A>>,
         subjects: [fn(i64, i64) -> String; 2],
+        place: Place,
         make: impl Fn() -> A + Clone + Send + 'static,
     ) -> Found<A>
     where
@@ -752,7 +785,7 @@ impl Realtime {
             + actix::Handler<conn::Deliver>
             + actix::Handler<order::DeliverWrite>,
     {
-        let found = self.start_registered(hubs(&self.inner), kind, (tenant.id, id), make);
+        let found = self.start_registered(hubs(&self.inner), kind, (tenant.id, id), place, make);
         if let Found::Started(_) = found {
             for subject in subjects {
                 self.listen(tenant, subject(tenant.id, id), move |rt, n| {
