@@ -126,6 +126,17 @@ fn split_frames(payload: &ByteString) -> Arc<[ByteString]> {
     payload.split('\n').map(|f| payload.slice_ref(f)).collect()
 }
 
+/// What differs between agents' hubs and visitors' hubs, for [`Realtime::hub`].
+struct HubKind<A: Actor> {
+    /// For logs and for choosing an actor thread.
+    name: &'static str,
+    /// The registry's map of these hubs.
+    hubs: fn(&Inner) -> &DashMap<Key, Addr<A>>,
+    /// The subjects a hub of this kind listens on in cluster mode: its own and its writes'.
+    subjects: [fn(i64, i64) -> String; 2],
+    place: Place,
+}
+
 /// Which thread a new actor runs on.
 #[derive(Clone, Copy)]
 enum Place {
@@ -729,15 +740,13 @@ impl Realtime {
     ) -> Found<AgentActor> {
         let (rt, t, conn) = (self.clone(), tenant.clone(), conn.cloned());
         let make = move || AgentActor::new(rt.clone(), t.clone(), agent_id, conn.clone());
-        self.hub(
-            tenant,
-            "agent",
-            agent_id,
-            |i| &i.agents,
-            [subject::agent, subject::agent_writes],
-            Place::ActorThreads,
-            make,
-        )
+        let kind = HubKind {
+            name: "agent",
+            hubs: |i| &i.agents,
+            subjects: [subject::agent, subject::agent_writes],
+            place: Place::ActorThreads,
+        };
+        self.hub(tenant, agent_id, kind, make)
     }
 
     /// The visitor's hub, started if needed.
@@ -756,28 +765,23 @@ impl Realtime {
     ) -> Found<VisitorActor> {
         let (rt, t, conn) = (self.clone(), tenant.clone(), conn.cloned());
         let make = move || VisitorActor::new(rt.clone(), t.clone(), visitor_id, conn.clone());
-        self.hub(
-            tenant,
-            "visitor",
-            visitor_id,
-            |i| &i.visitors,
-            [subject::visitor, subject::visitor_writes],
-            Place::Here,
-            make,
-        )
+        let kind = HubKind {
+            name: "visitor",
+            hubs: |i| &i.visitors,
+            subjects: [subject::visitor, subject::visitor_writes],
+            place: Place::Here,
+        };
+        self.hub(tenant, visitor_id, kind, make)
     }
 
-    /// An agent's or visitor's hub in `hubs`, started with `make` if none runs; a hub started
-    /// here listens for other nodes' notices on its `subjects`: its own (frames for it alone)
-    /// and the writes of its conversations (see [`subject::write`]).
+    /// An agent's or visitor's hub in `kind.hubs`, started with `make` if none runs; a hub
+    /// started here listens for other nodes' notices on its `kind.subjects`: its own (frames
+    /// for it alone) and the writes of its conversations (see [`subject::write`]).
     fn hub<A>(
         &self,
         tenant: &Arc<TenantRecord>,
-        kind: &'static str,
         id: i64,
-        hubs: fn(&Inner) -> &DashMap<Key, Addr<A>>,
-        subjects: [fn(i64, i64) -> String; 2],
-        place: Place,
+        kind: HubKind<A>,
         make: impl Fn() -> A + Clone + Send + 'static,
     ) -> Found<A>
     where
@@ -785,6 +789,12 @@ impl Realtime {
             + actix::Handler<conn::Deliver>
             + actix::Handler<order::DeliverWrite>,
     {
+        let HubKind {
+            name: kind,
+            hubs,
+            subjects,
+            place,
+        } = kind;
         let found = self.start_registered(hubs(&self.inner), kind, (tenant.id, id), place, make);
         if let Found::Started(_) = found {
             for subject in subjects {
