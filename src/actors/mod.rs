@@ -137,6 +137,22 @@ struct HubKind<A: Actor> {
     place: Place,
 }
 
+/// Agents' hubs: few, busy, beside the conversations on the actor threads.
+const AGENT_HUBS: HubKind<AgentActor> = HubKind {
+    name: "agent",
+    hubs: |i| &i.agents,
+    subjects: [subject::agent, subject::agent_writes],
+    place: Place::ActorThreads,
+};
+
+/// Visitors' hubs: many, mostly idle, started where their first socket opens.
+const VISITOR_HUBS: HubKind<VisitorActor> = HubKind {
+    name: "visitor",
+    hubs: |i| &i.visitors,
+    subjects: [subject::visitor, subject::visitor_writes],
+    place: Place::Here,
+};
+
 /// Which thread a new actor runs on.
 #[derive(Clone, Copy)]
 enum Place {
@@ -439,13 +455,12 @@ impl Realtime {
             return Found::Running(a);
         }
         let here = matches!(place, Place::Here) && Arbiter::try_current().is_some();
-        let arbiter = self.arbiter_for(&(kind, key)).clone();
         let start = || {
             if here {
                 return make().start();
             }
             let make = make.clone();
-            A::start_in_arbiter(&arbiter, move |_| make())
+            A::start_in_arbiter(self.arbiter_for(&(kind, key)), move |_| make())
         };
         let mut entry = map.entry(key).or_insert_with(start);
         if !entry.connected() {
@@ -740,13 +755,7 @@ impl Realtime {
     ) -> Found<AgentActor> {
         let (rt, t, conn) = (self.clone(), tenant.clone(), conn.cloned());
         let make = move || AgentActor::new(rt.clone(), t.clone(), agent_id, conn.clone());
-        let kind = HubKind {
-            name: "agent",
-            hubs: |i| &i.agents,
-            subjects: [subject::agent, subject::agent_writes],
-            place: Place::ActorThreads,
-        };
-        self.hub(tenant, agent_id, kind, make)
+        self.hub(tenant, agent_id, AGENT_HUBS, make)
     }
 
     /// The visitor's hub, started if needed.
@@ -765,13 +774,7 @@ impl Realtime {
     ) -> Found<VisitorActor> {
         let (rt, t, conn) = (self.clone(), tenant.clone(), conn.cloned());
         let make = move || VisitorActor::new(rt.clone(), t.clone(), visitor_id, conn.clone());
-        let kind = HubKind {
-            name: "visitor",
-            hubs: |i| &i.visitors,
-            subjects: [subject::visitor, subject::visitor_writes],
-            place: Place::Here,
-        };
-        self.hub(tenant, visitor_id, kind, make)
+        self.hub(tenant, visitor_id, VISITOR_HUBS, make)
     }
 
     /// An agent's or visitor's hub in `kind.hubs`, started with `make` if none runs; a hub
