@@ -10,8 +10,9 @@
 //! the writer's memory"). On SQLite one writer thread appends every message of a tenant
 //! (`storage::writer`), and only one runs per tenant at a time, so that thread can keep the
 //! rule itself: it holds a 32-bit keyed hash of every id of the conversations it writes to,
-//! loaded from the conversation's rows the first time it meets one. An id whose hash it does not hold is surely new; a hash it holds is checked
-//! against the stored rows (a re-send, or once in a few billion a collision).
+//! loaded from the conversation's rows the first time it meets one. An id whose hash it does
+//! not hold is surely new; a hash it holds is checked against the stored rows (a re-send, or
+//! once in a few billion a collision).
 //!
 //! System messages are stored beside the writer, on the tenant's pool, so it does not hold
 //! their ids; clients may not send ids of their shape (`log::SYSTEM_ID_PREFIX`), so no
