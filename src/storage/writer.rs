@@ -139,7 +139,9 @@ impl Writers {
         for _ in 0..2 {
             let writer = self.writer(tenant_id, db);
             if writer.messages_only && !matches!(job.op, WriteOp::Message(_)) {
-                return write_alone(db, &job.op).await;
+                // Boxed, as `Storage::tenant_db` boxes its opening: a SeaORM transaction's
+                // future would otherwise size every write's, messages' included.
+                return Box::pin(write_alone(db, &job.op)).await;
             }
             match writer.tx.send_async(job).await {
                 Ok(()) => return answer.await.map_err(|_| WriteError::Unavailable)?,
@@ -702,6 +704,27 @@ async fn lock_in_order(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The size of the future `f` returns, without running it.
+    fn future_size<A, R: std::future::Future, F: Fn(A) -> R>(_: &F) -> usize {
+        std::mem::size_of::<R>()
+    }
+
+    /// Every message awaits these two inside its conversation actor's boxed write; a rare path
+    /// inlined into them (a tenant's opening, a SeaORM transaction) once made that 13 KB per
+    /// message to allocate and copy.
+    #[test]
+    fn a_writes_futures_stay_small() {
+        fn tenant_db(s: &'static crate::storage::Storage) -> impl Future + 'static {
+            s.tenant_db("t")
+        }
+        fn write(w: &'static (Writers, DatabaseConnection, WriteOp)) -> impl Future + 'static {
+            w.0.write(1, &w.1, w.2.clone())
+        }
+        let (open, append) = (future_size(&tenant_db), future_size(&write));
+        assert!(open <= 1024, "Storage::tenant_db's future is {open} bytes");
+        assert!(append <= 1024, "Writers::write's future is {append} bytes");
+    }
 
     /// Rows the database file holds by itself, the WAL ignored (`immutable=1`).
     fn rows_in_main_file(path: &std::path::Path) -> i64 {
