@@ -253,24 +253,17 @@ impl Storage {
         let backend = self.backend.clone();
         let connections = self.pools.settings().connections;
         let name = db_name.to_owned();
-        // Boxed: opening a tenant's database (connect, pragmas, migrations) is a future of
-        // several KB, and inline it would make every caller's future that size, copied whole
-        // each time one is moved or boxed. With `Writers::write`'s rare path it made each
-        // message's write 13 KB to allocate and copy, for paths taken once per tenant
-        // (docs/benchmarks.md, "A write's future").
         self.pools
-            .get(db_name, || {
-                Box::pin(async move {
-                    let conn = connect(
-                        &backend,
-                        &platform_path_or_name(&backend, &name),
-                        connections,
-                        false,
-                    )
-                    .await?;
-                    let reader = sqlite_file(&conn).map(|path| Arc::new(SqliteReader::new(path)));
-                    Ok(TenantDb { conn, reader })
-                })
+            .get(db_name, || async move {
+                let conn = connect(
+                    &backend,
+                    &platform_path_or_name(&backend, &name),
+                    connections,
+                    false,
+                )
+                .await?;
+                let reader = sqlite_file(&conn).map(|path| Arc::new(SqliteReader::new(path)));
+                Ok(TenantDb { conn, reader })
             })
             .await
     }

@@ -98,7 +98,16 @@ impl TenantPools {
                 .clone(),
         };
         slot.last_used.store(self.inner.now_ms(), Ordering::Relaxed);
-        let conn = slot.conn.get_or_try_init(open).await?.clone();
+        // `open` boxed: opening a tenant's database (connect, pragmas, migrations) is a future
+        // of several KB, and inline it would make the future of every `get`, and of every
+        // caller's, that size, copied whole each time one is moved or boxed: with
+        // `Writers::write`'s rare path it made each message's write 13 KB to allocate and copy,
+        // for a path taken once per tenant (docs/benchmarks.md, "A write's future").
+        let conn = slot
+            .conn
+            .get_or_try_init(|| Box::pin(open()))
+            .await?
+            .clone();
         if self.inner.slots.len() > self.inner.settings.max_open {
             self.inner.evict_lru(db_name);
         }

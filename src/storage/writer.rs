@@ -139,7 +139,7 @@ impl Writers {
         for _ in 0..2 {
             let writer = self.writer(tenant_id, db);
             if writer.messages_only && !matches!(job.op, WriteOp::Message(_)) {
-                // Boxed, as `Storage::tenant_db` boxes its opening: a SeaORM transaction's
+                // Boxed, as `storage::pools` boxes a tenant's opening: a SeaORM transaction's
                 // future would otherwise size every write's, messages' included.
                 return Box::pin(write_alone(db, &job.op)).await;
             }
