@@ -94,6 +94,7 @@ pub struct MessageView {
     pub sender: SenderView,
     /// Kept as the JSON text that was stored: never re-parsed on the way out.
     pub content: Box<RawValue>,
+    #[serde(serialize_with = "crate::protocol::rfc3339")]
     pub created_at: DateTime<Utc>,
 }
 
