@@ -4,10 +4,10 @@
 //! Server frames are encoded once into a [`ByteString`] and that buffer is shared by every
 //! connection it goes to, so fanning a message out costs a reference count per connection.
 
-use bytestring::ByteString;
-use chrono::{DateTime, Datelike, Timelike, Utc};
 use std::borrow::Cow;
 
+use bytestring::ByteString;
+use chrono::{DateTime, Datelike, Timelike, Utc};
 use serde::de::IgnoredAny;
 use serde::ser::Error as _;
 use serde::{Deserialize, Serialize, Serializer};
@@ -57,19 +57,15 @@ pub enum ClientFrame {
 
 /// Message content a client may send. Only text for now; system messages use other kinds.
 #[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(
-    tag = "kind",
-    rename_all = "snake_case",
-    deny_unknown_fields,
-    from = "ContentFields"
-)]
+#[serde(tag = "kind", rename_all = "snake_case", from = "ContentFields")]
 pub enum ClientContent {
     Text { text: String },
 }
 
-/// What a client's content is read as. Every kind a client may send so far has the same
-/// fields, so a plain struct reads it in one pass, where the tagged enum's own `Deserialize`
-/// buffers the object and reads it again; unknown kinds and fields are refused all the same.
+/// What a client's content is read as. Text is the only kind a client may send, so a plain
+/// struct reads it in one pass, where the tagged enum's own `Deserialize` buffers the object
+/// and reads it again; unknown kinds and fields are refused all the same. A kind with other
+/// fields would add them here as options.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ContentFields {
