@@ -117,7 +117,7 @@ pub struct ParsedFrame {
 /// Every field any client frame carries, each kept as its JSON text until the frame's `type`
 /// says which it needs and as what. One pass over the frame, borrowing from it: reading a
 /// frame into a `serde_json::Value` and then through an internally tagged enum (which buffers
-/// the map once more) cost four times as much, 3 % of the server's CPU under load
+/// the map once more) cost two and a half times as much, 3 % of the server's CPU under load
 /// (docs/benchmarks.md, "A client frame in one pass"). Fields no frame has are skipped unread,
 /// as before; a field given twice is refused, where a `Value` silently kept the last.
 #[derive(Deserialize)]
