@@ -204,6 +204,10 @@ struct RelayArgs {
     /// Worker threads (default: one per core).
     #[arg(long)]
     workers: Option<usize>,
+    /// Commit every message to this SQLite file (created if missing) before acking and
+    /// forwarding it, as Kefu does: the floor of a relay that persists.
+    #[arg(long)]
+    store: Option<std::path::PathBuf>,
 }
 
 /// `60s`, `500ms`, `2m`, `1h`, or plain seconds.
@@ -257,7 +261,7 @@ fn main() -> ExitCode {
 async fn run(cmd: Cmd) -> Result<bool> {
     match cmd {
         Cmd::Relay(r) => {
-            let handle = relay::start(r.listen).await?;
+            let handle = relay::start(r.listen, r.store.as_deref()).await?;
             // Scripts (and --spawn-baseline) read the address from this line.
             println!("relay listening on {}", handle.url());
             tokio::signal::ctrl_c().await?;

@@ -6,7 +6,9 @@ use kefu_loadtest::relay;
 use kefu_loadtest::scenarios::{chat, connections, longpoll, ramp};
 
 async fn relay() -> relay::RelayHandle {
-    relay::start("127.0.0.1:0".parse().unwrap()).await.unwrap()
+    relay::start("127.0.0.1:0".parse().unwrap(), None)
+        .await
+        .unwrap()
 }
 
 fn assert_clean(r: &kefu_loadtest::Report) {
@@ -104,4 +106,56 @@ async fn connections_against_the_relay_open_and_measure_memory() {
     assert_eq!((c.opened, c.failed, c.dropped), (32, 0, 0));
     assert_eq!(c.connect.count, 32);
     assert!(c.rss_before_kib.is_some() && c.bytes_per_connection.is_some());
+}
+
+#[tokio::test]
+async fn a_storing_relay_commits_every_acked_message() {
+    let dir = std::env::temp_dir().join(format!(
+        "kefu-relay-store-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("log.db");
+    let relay = relay::start("127.0.0.1:0".parse().unwrap(), Some(&path))
+        .await
+        .unwrap();
+    let sockets = chat::run(chat::ChatConfig {
+        url: relay.url(),
+        conversations: 6,
+        agents: 2,
+        rate: 120.0,
+        duration: Duration::from_secs(1),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert_clean(&sockets);
+    let polls = longpoll::run(longpoll::LongpollConfig {
+        url: relay.url(),
+        conversations: 4,
+        rate: 40.0,
+        duration: Duration::from_secs(1),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert_clean(&polls);
+    let db = rusqlite::Connection::open(&path).unwrap();
+    let (rows, repeated): (i64, i64) = db
+        .query_row(
+            "SELECT count(*), count(*) - count(DISTINCT conversation_id || ':' || seq) FROM messages",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(
+        (rows, repeated),
+        (i64::try_from(sockets.acked + polls.acked).unwrap(), 0)
+    );
+    drop(relay);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -6,7 +6,9 @@
 //! Kefu), seqs counted per conversation in memory, acks, `message` frames forwarded to the
 //! other party, and long-poll from an in-memory buffer of what the visitor has not fetched yet.
 //! No storage, no tenancy, no auth beyond parsing the fake token, no actors: one task per
-//! connection, a lock per conversation. The history read answers from one byte per message
+//! connection, a lock per conversation. With `--store` (the `store` module) it also commits every
+//! message to a SQLite file before acking and forwarding it, as Kefu does, to tell what
+//! durable storage costs on a machine from what Kefu's own work costs. The history read answers from one byte per message
 //! (who sent it), which is all the stored-count check looks at.
 //!
 //! Not done, as a relay needs none of it: client_msg_id de-duplication, passwords, `sync`
@@ -15,6 +17,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -32,7 +35,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -40,6 +43,9 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 use crate::protocol::Side;
+
+mod store;
+use store::Store;
 
 /// Largest request body, as Kefu's default.
 const MAX_BODY: usize = 64 * 1024;
@@ -113,6 +119,9 @@ struct State {
     parties: RwLock<HashMap<(Side, i64), Arc<Party>>>,
     convs: RwLock<HashMap<i64, Arc<Conv>>>,
     queue: Mutex<Queue>,
+    /// The log every message is committed to before it is acked and forwarded, when the
+    /// relay was started with one (`--store`).
+    store: Option<Store>,
 }
 
 /// Locks a mutex; a panic elsewhere left plain data behind, still good enough for a relay.
@@ -223,17 +232,20 @@ impl State {
         conv.buffered.notify_waiters();
     }
 
-    /// Stores nothing but the sender's kind, gives the message its seq, and forwards it. The
-    /// ack goes on `ack_to` (the sender's socket) under the conversation's lock, so on that
-    /// socket it is ordered with the messages of the other party.
+    /// Gives the message its seq and forwards it; the ack goes on `ack_to` (the sender's
+    /// socket). Without a store nothing is kept but the sender's kind, and the ack and the
+    /// forwarding happen here, under the conversation's lock, so on each socket the ack is
+    /// ordered with the messages of the other party. With a store, the same follow-up runs
+    /// on the store's writer once the message is committed: queued under the lock, in seq
+    /// order, and run in queue order.
     fn relay_message(
         &self,
-        conv: &Conv,
-        sender: &Party,
+        conv: &Arc<Conv>,
+        sender: &Arc<Party>,
         client_msg_id: &str,
         content: &RawValue,
         ack_to: Option<(&Tx, &str)>,
-    ) -> std::result::Result<(i64, i64, String), Refusal> {
+    ) -> std::result::Result<Relayed, Refusal> {
         let mut inner = lock(&conv.inner);
         let agent = inner.agent.clone();
         let mine = match sender.side {
@@ -253,14 +265,14 @@ impl State {
         };
         let (id, seq, created_at) = (self.id(), next_seq(&mut inner, kind), now());
         let cmid = Value::from(client_msg_id);
-        if let Some((tx, reference)) = ack_to {
+        let ack = ack_to.map(|(tx, reference)| {
             let ack = format!(
                 r#"{{"type":"ack","ref":{},"conversation_id":{},"client_msg_id":{cmid},"id":{id},"seq":{seq}}}"#,
                 Value::from(reference),
                 conv.id
             );
-            let _ = tx.send(ack.into());
-        }
+            (tx.clone(), Utf8Bytes::from(ack))
+        });
         let frame: Utf8Bytes = format!(
             r#"{{"type":"message","conversation_id":{},"id":{id},"seq":{seq},"client_msg_id":{cmid},"sender":{{"kind":"{}","id":{}}},"content":{},"created_at":"{created_at}"}}"#,
             conv.id,
@@ -269,25 +281,99 @@ impl State {
             content.get()
         )
         .into();
-        let mut buffered = false;
-        match sender.side {
+        let delivery = Delivery {
+            conv: conv.clone(),
+            seq,
+            sender: sender.side,
+            agent,
+            ack,
+            frame,
+        };
+        let Some(store) = &self.store else {
+            let buffered = delivery.deliver(&mut inner);
+            drop(inner);
+            if buffered {
+                conv.buffered.notify_waiters();
+            }
+            return Ok(Relayed {
+                id,
+                seq,
+                created_at,
+                committed: None,
+            });
+        };
+        let (committed, told) = oneshot::channel();
+        let row = store::Row {
+            id,
+            conversation_id: conv.id,
+            seq,
+            client_msg_id: client_msg_id.to_owned(),
+            sender_kind: sender.side.as_str(),
+            sender_id: sender.id,
+            content: content.get().to_owned(),
+            created_at: created_at.clone(),
+        };
+        store.append(
+            row,
+            Box::new(move || {
+                let buffered = delivery.deliver(&mut lock(&delivery.conv.inner));
+                if buffered {
+                    delivery.conv.buffered.notify_waiters();
+                }
+                let _ = committed.send(());
+            }),
+        );
+        Ok(Relayed {
+            id,
+            seq,
+            created_at,
+            committed: Some(told),
+        })
+    }
+}
+
+/// A message given its seq: its id, seq and time, and (with a store) what tells when it is
+/// committed.
+struct Relayed {
+    id: i64,
+    seq: i64,
+    created_at: String,
+    committed: Option<Committed>,
+}
+
+/// Told once a message is committed to the store.
+type Committed = oneshot::Receiver<()>;
+
+/// What a relayed message owes once it may be told: the sender's ack and the frame for the
+/// other party.
+struct Delivery {
+    conv: Arc<Conv>,
+    seq: i64,
+    sender: Side,
+    /// The conversation's agent when the message was given its seq.
+    agent: Option<Arc<Party>>,
+    /// The sender's socket and its ack; `None` for a long-poll visitor's post.
+    ack: Option<(Tx, Utf8Bytes)>,
+    frame: Utf8Bytes,
+}
+
+impl Delivery {
+    /// Sends the ack and the frame; true when the frame went into the long-poll buffer.
+    fn deliver(&self, inner: &mut ConvInner) -> bool {
+        if let Some((tx, ack)) = &self.ack {
+            let _ = tx.send(ack.clone());
+        }
+        match self.sender {
             Side::Visitor => {
-                if let Some(a) = &agent {
-                    send_all(a, &frame);
+                if let Some(a) = &self.agent {
+                    send_all(a, &self.frame);
                 }
                 // A long-poll visitor reads its own messages back in the event stream, so the
                 // stream has no gaps; a visitor on a socket has its ack.
-                if ack_to.is_none() {
-                    buffered = to_visitor(conv, &mut inner, seq, frame);
-                }
+                self.ack.is_none() && to_visitor(&self.conv, inner, self.seq, self.frame.clone())
             }
-            Side::Agent => buffered = to_visitor(conv, &mut inner, seq, frame),
+            Side::Agent => to_visitor(&self.conv, inner, self.seq, self.frame.clone()),
         }
-        drop(inner);
-        if buffered {
-            conv.buffered.notify_waiters();
-        }
-        Ok((id, seq, created_at))
     }
 }
 
@@ -399,18 +485,23 @@ impl Drop for RelayHandle {
 }
 
 /// Binds `addr` (port 0 for any free port) and serves on the current runtime.
-pub async fn start(addr: SocketAddr) -> Result<RelayHandle> {
+/// With `store`, every message is committed to that SQLite file (created if missing) before
+/// it is acked and forwarded.
+pub async fn start(addr: SocketAddr, store: Option<&Path>) -> Result<RelayHandle> {
+    let state = State {
+        store: store.map(Store::open).transpose()?,
+        ..State::default()
+    };
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding {addr}"))?;
     let addr = listener.local_addr()?;
-    let accept = tokio::spawn(serve(listener));
+    let accept = tokio::spawn(serve(listener, Arc::new(state)));
     Ok(RelayHandle { addr, accept })
 }
 
 /// Accepts connections forever.
-pub async fn serve(listener: TcpListener) {
-    let state = Arc::new(State::default());
+async fn serve(listener: TcpListener, state: Arc<State>) {
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
@@ -464,18 +555,23 @@ async fn route(
             let id = parse_id(id)?;
             events(state, query.as_deref(), bearer.as_deref(), id).await?
         }
+        (Method::POST, ["api", "v1", "visitor", "conversations", id, "messages"]) => {
+            let id = parse_id(id)?;
+            let body = read_body(req).await?;
+            let (answer, committed) = post_message(state, bearer.as_deref(), id, &body)?;
+            if let Some(committed) = committed
+                && committed.await.is_err()
+            {
+                return Err(refuse(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "dependency_unavailable",
+                    "the relay's log failed",
+                ));
+            }
+            answer
+        }
         (method, segments) => {
-            let body = Limited::new(req.into_body(), MAX_BODY)
-                .collect()
-                .await
-                .map_err(|_| {
-                    refuse(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "payload_too_large",
-                        "body too large",
-                    )
-                })?
-                .to_bytes();
+            let body = read_body(req).await?;
             answer(
                 state,
                 &method,
@@ -487,6 +583,20 @@ async fn route(
         }
     };
     Ok(respond(status, body))
+}
+
+async fn read_body(req: Request<Incoming>) -> std::result::Result<Bytes, Refusal> {
+    Ok(Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|_| {
+            refuse(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                "body too large",
+            )
+        })?
+        .to_bytes())
 }
 
 /// Every call but the upgrades and long-poll, once its body is read.
@@ -515,9 +625,11 @@ fn answer(
         (Method::POST, ["api", "v1", "visitor", "conversations"]) => {
             open_conversation(state, bearer)
         }
+        // Reached only through `Core`, which has no store: nothing to wait for. The hyper
+        // server answers posts in `route`, after the commit.
         (Method::POST, ["api", "v1", "visitor", "conversations", id, "messages"]) => {
             let id = parse_id(id)?;
-            post_message(state, bearer, id, body)
+            post_message(state, bearer, id, body).map(|(answer, _)| answer)
         }
         (Method::GET, ["api", "v1", "conversations", id, "messages"]) => {
             let id = parse_id(id)?;
@@ -688,15 +800,22 @@ struct PostedMessage<'a> {
     content: &'a RawValue,
 }
 
-fn post_message(state: &State, bearer: Option<&str>, id: i64, body: &[u8]) -> Answer {
+/// A long-poll visitor's message: the answer, and (with a store) what tells when the message
+/// is committed, which the answer must wait for.
+fn post_message(
+    state: &State,
+    bearer: Option<&str>,
+    id: i64,
+    body: &[u8],
+) -> std::result::Result<((StatusCode, String), Option<Committed>), Refusal> {
     let (visitor, conv) = visitor_conv(state, bearer, id)?;
     let m: PostedMessage = parse(body)?;
-    let (id, seq, created_at) =
-        state.relay_message(&conv, &visitor, &m.client_msg_id, m.content, None)?;
-    json_response(
+    let r = state.relay_message(&conv, &visitor, &m.client_msg_id, m.content, None)?;
+    let answer = json_response(
         StatusCode::CREATED,
-        json!({"id": id, "seq": seq, "client_msg_id": m.client_msg_id, "created_at": created_at}),
-    )
+        json!({"id": r.id, "seq": r.seq, "client_msg_id": m.client_msg_id, "created_at": r.created_at}),
+    )?;
+    Ok((answer, r.committed))
 }
 
 async fn events(
@@ -976,7 +1095,7 @@ async fn relay_frames<Si, St>(
     }
 }
 
-fn on_frame(state: &State, party: &Party, tx: &Tx, text: &str) {
+fn on_frame(state: &State, party: &Arc<Party>, tx: &Tx, text: &str) {
     let error = |reference: Option<&str>, code: &str, message: &str| {
         let _ = tx.send(
             json!({"type": "error", "ref": reference, "code": code, "message": message})
@@ -1036,7 +1155,7 @@ mod tests {
 
     #[tokio::test]
     async fn provisions_pairs_and_relays_with_seqs_and_acks() {
-        let relay = start("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let relay = start("127.0.0.1:0".parse().unwrap(), None).await.unwrap();
         let target = Target::new(&relay.url()).await.unwrap();
         let tenant = target.create_tenant("any").await.unwrap();
         let agent = target.create_agent(&tenant, 1, 1).await.unwrap();
@@ -1101,7 +1220,7 @@ mod tests {
 
     #[tokio::test]
     async fn long_poll_answers_at_once_when_something_is_buffered_and_waits_otherwise() {
-        let relay = start("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let relay = start("127.0.0.1:0".parse().unwrap(), None).await.unwrap();
         let target = Target::new(&relay.url()).await.unwrap();
         let tenant = target.create_tenant("any").await.unwrap();
         let agent = target.create_agent(&tenant, 1, 1).await.unwrap();
