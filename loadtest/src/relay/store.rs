@@ -11,7 +11,8 @@
 //! `synchronous = FULL`, and the WAL copied back by a thread of its own, rewound when long,
 //! as Kefu's writer does. What it leaves out is Kefu's own work: seqs come from memory
 //! instead of the conversation's row, and there are no tenants, senders' checks or
-//! `client_msg_id` look-ups.
+//! `client_msg_id` look-ups. The system message that opens an assignment (seq 1) is kept in
+//! memory only, as in the bare relay: it is not on the path a scenario measures.
 
 use std::path::Path;
 use std::sync::Arc;
