@@ -11,6 +11,29 @@ async fn relay() -> relay::RelayHandle {
         .unwrap()
 }
 
+/// Six conversations at 120 msg/s for a second.
+fn small_chat(url: String) -> chat::ChatConfig {
+    chat::ChatConfig {
+        url,
+        conversations: 6,
+        agents: 2,
+        rate: 120.0,
+        duration: Duration::from_secs(1),
+        ..Default::default()
+    }
+}
+
+/// Four long-poll visitors at 40 msg/s for a second.
+fn small_longpoll(url: String) -> longpoll::LongpollConfig {
+    longpoll::LongpollConfig {
+        url,
+        conversations: 4,
+        rate: 40.0,
+        duration: Duration::from_secs(1),
+        ..Default::default()
+    }
+}
+
 fn assert_clean(r: &kefu_loadtest::Report) {
     assert!(r.passed, "{}", r.table());
     assert_eq!((r.lost, r.duplicated, r.reordered, r.unacked), (0, 0, 0, 0));
@@ -27,16 +50,7 @@ fn assert_clean(r: &kefu_loadtest::Report) {
 #[tokio::test]
 async fn chat_against_the_relay_is_clean() {
     let relay = relay().await;
-    let r = chat::run(chat::ChatConfig {
-        url: relay.url(),
-        conversations: 6,
-        agents: 2,
-        rate: 120.0,
-        duration: Duration::from_secs(1),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let r = chat::run(small_chat(relay.url())).await.unwrap();
     assert_clean(&r);
     assert_eq!((r.conversations, r.agents), (6, 2));
     // 120 msg/s for a second, give or take the schedule's phase offsets.
@@ -46,15 +60,7 @@ async fn chat_against_the_relay_is_clean() {
 #[tokio::test]
 async fn longpoll_against_the_relay_is_clean() {
     let relay = relay().await;
-    let r = longpoll::run(longpoll::LongpollConfig {
-        url: relay.url(),
-        conversations: 4,
-        rate: 40.0,
-        duration: Duration::from_secs(1),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let r = longpoll::run(small_longpoll(relay.url())).await.unwrap();
     assert_clean(&r);
 }
 
@@ -123,26 +129,9 @@ async fn a_storing_relay_commits_every_acked_message() {
     let relay = relay::start("127.0.0.1:0".parse().unwrap(), Some(&path))
         .await
         .unwrap();
-    let sockets = chat::run(chat::ChatConfig {
-        url: relay.url(),
-        conversations: 6,
-        agents: 2,
-        rate: 120.0,
-        duration: Duration::from_secs(1),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let sockets = chat::run(small_chat(relay.url())).await.unwrap();
     assert_clean(&sockets);
-    let polls = longpoll::run(longpoll::LongpollConfig {
-        url: relay.url(),
-        conversations: 4,
-        rate: 40.0,
-        duration: Duration::from_secs(1),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let polls = longpoll::run(small_longpoll(relay.url())).await.unwrap();
     assert_clean(&polls);
     let db = rusqlite::Connection::open(&path).unwrap();
     let (rows, repeated): (i64, i64) = db
