@@ -6,10 +6,12 @@
 //! Kefu), seqs counted per conversation in memory, acks, `message` frames forwarded to the
 //! other party, and long-poll from an in-memory buffer of what the visitor has not fetched yet.
 //! No storage, no tenancy, no auth beyond parsing the fake token, no actors: one task per
-//! connection, a lock per conversation. With `--store` (the `store` module) it also commits every
-//! message to a SQLite file before acking and forwarding it, as Kefu does, to tell what
-//! durable storage costs on a machine from what Kefu's own work costs. The history read answers from one byte per message
+//! connection, a lock per conversation. The history read answers from one byte per message
 //! (who sent it), which is all the stored-count check looks at.
+//!
+//! With `--store` (the `store` module) it also commits every message to a SQLite file before
+//! acking and forwarding it, as Kefu does, to tell what durable storage costs on a machine
+//! from what Kefu's own work costs.
 //!
 //! Not done, as a relay needs none of it: client_msg_id de-duplication, passwords, `sync`
 //! replay (answered with `synced` at once), `close`, `transfer`, typing and read receipts.
@@ -813,7 +815,12 @@ fn post_message(
     let r = state.relay_message(&conv, &visitor, &m.client_msg_id, m.content, None)?;
     let answer = json_response(
         StatusCode::CREATED,
-        json!({"id": r.id, "seq": r.seq, "client_msg_id": m.client_msg_id, "created_at": r.created_at}),
+        json!({
+            "id": r.id,
+            "seq": r.seq,
+            "client_msg_id": m.client_msg_id,
+            "created_at": r.created_at
+        }),
     )?;
     Ok((answer, r.committed))
 }
