@@ -16,6 +16,7 @@
 
 pub mod lease;
 pub mod subject;
+mod thread;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,6 +28,7 @@ use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch};
 
 pub use lease::Leases;
+use thread::ClusterThread;
 
 use crate::trace_context::TraceContext;
 
@@ -39,6 +41,10 @@ pub const HDR_TRACEPARENT: &str = "traceparent";
 /// On the notice of a stored write: `<conversation id>:<seq>`, so that the receiving hub
 /// keeps the conversation's order (its payload is the write's frames, one per line).
 pub const HDR_SEQ: &str = "Kefu-Seq";
+/// When the notice was handed to the publisher (Unix time, microseconds): the receiving node
+/// times the trip (`kefu_cluster_notice_seconds`). Across machines it includes their clocks'
+/// offset.
+pub const HDR_SENT: &str = "Kefu-Sent";
 
 /// Notices waiting for the publisher. When it is full (NATS unreachable for long), notices
 /// are dropped rather than the actors blocked: they are hints, storage has the data.
@@ -63,6 +69,8 @@ pub enum ClusterError {
     NeedsPostgres,
     #[error("queue lease: {0}")]
     Lease(#[from] sea_orm::sqlx::Error),
+    #[error("cannot start the cluster thread: {0}")]
+    Thread(#[from] std::io::Error),
 }
 
 /// A notice as received.
@@ -94,10 +102,9 @@ struct Inner {
     listeners: DashMap<String, Listener>,
     /// Queue leases held by this node.
     leases: Leases,
-    /// Where this node's cluster tasks run: the runtime `connect` was called on, which is
-    /// also where the client's own connection task runs (`startup` calls it on the first actor
-    /// thread, so notices reach and leave the actors without a thread hop).
-    runtime: tokio::runtime::Handle,
+    /// Where the client's connection task and every cluster task run (see [`thread`]);
+    /// stopped by [`Cluster::close`].
+    thread: ClusterThread,
 }
 
 struct Outgoing {
@@ -120,49 +127,32 @@ impl Drop for Listener {
 }
 
 impl Cluster {
-    /// Connects to NATS and to the lease database. Fails at once when NATS cannot be reached
-    /// at start-up (a misconfigured node should say so); later outages are ridden out by
-    /// reconnecting.
+    /// Connects to NATS and to the lease database, on a thread of the cluster's own. Fails at
+    /// once when NATS cannot be reached at start-up (a misconfigured node should say so);
+    /// later outages are ridden out by reconnecting.
     pub async fn connect(
         nats_url: &str,
         node: &str,
         platform_db_url: &str,
     ) -> Result<Self, ClusterError> {
-        let client = async_nats::ConnectOptions::new()
-            .name(format!("kefu {node}"))
-            // A node delivers to its own hubs directly; the broker need not send its notices
-            // back to it.
-            .no_echo()
-            .retry_on_initial_connect()
-            .max_reconnects(None)
-            .reconnect_delay_callback(|attempts| {
-                (Duration::from_millis(100) * u32::try_from(attempts).unwrap_or(u32::MAX))
-                    .min(MAX_RECONNECT_DELAY)
+        let thread = ClusterThread::start()?;
+        // Made on the thread, so that the client's tasks and the lease pool's run there.
+        let (url, db_url) = (nats_url.to_owned(), platform_db_url.to_owned());
+        let name = format!("kefu {node}");
+        let (client, leases, outbox) = thread
+            .handle()
+            .spawn(async move {
+                let client = connect_nats(&url, name).await?;
+                let leases = Leases::connect(&db_url).await?;
+                let (outbox, rx) = mpsc::channel(OUTBOX);
+                tokio::spawn(publisher(client.clone(), rx));
+                Ok::<_, ClusterError>((client, leases, outbox))
             })
-            .event_callback(|event| async move {
-                tracing::info!(%event, "nats connection event");
-            })
-            .connect(nats_url)
             .await
             .map_err(|e| ClusterError::Connect {
                 url: nats_url.to_owned(),
-                reason: e.to_string(),
-            })?;
-        // `retry_on_initial_connect` returns before the first connection: wait for it, but
-        // not forever.
-        if tokio::time::timeout(Duration::from_secs(5), client.flush())
-            .await
-            .map_or(true, |r| r.is_err())
-        {
-            return Err(ClusterError::Connect {
-                url: nats_url.to_owned(),
-                reason: "no answer within 5 s".to_owned(),
-            });
-        }
-        let leases = Leases::connect(platform_db_url).await?;
-        let (outbox, rx) = mpsc::channel(OUTBOX);
-        let runtime = tokio::runtime::Handle::current();
-        runtime.spawn(publisher(client.clone(), rx));
+                reason: format!("the cluster thread failed: {e}"),
+            })??;
         Ok(Self {
             inner: Arc::new(Inner {
                 node: node.to_owned(),
@@ -170,7 +160,7 @@ impl Cluster {
                 outbox,
                 listeners: DashMap::new(),
                 leases,
-                runtime,
+                thread,
             }),
         })
     }
@@ -183,8 +173,9 @@ impl Cluster {
         &self.inner.leases
     }
 
+    /// Where cluster work runs (the cluster's thread).
     pub fn runtime(&self) -> &tokio::runtime::Handle {
-        &self.inner.runtime
+        self.inner.thread.handle()
     }
 
     /// Is the NATS connection up right now?
@@ -203,6 +194,7 @@ impl Cluster {
         h.insert(HDR_NODE, self.inner.node.as_str());
         h.insert(HDR_TENANT, tenant.to_string().as_str());
         h.insert(HDR_TRACEPARENT, trace.header().as_str());
+        h.insert(HDR_SENT, unix_micros().to_string().as_str());
         h
     }
 
@@ -237,8 +229,15 @@ impl Cluster {
             headers,
             payload,
         };
-        if self.inner.outbox.try_send(out).is_err() {
-            tracing::warn!("cluster outbox full; notice dropped (clients resync)");
+        match self.inner.outbox.try_send(out) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::warn!("cluster outbox full; notice dropped (clients resync)");
+            }
+            // The node is stopping and its cluster thread has gone.
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                tracing::debug!("cluster closed; notice dropped");
+            }
         }
     }
 
@@ -260,7 +259,7 @@ impl Cluster {
     /// Answers a request.
     pub fn respond(&self, reply: Subject, payload: Bytes) {
         let client = self.inner.client.clone();
-        self.inner.runtime.spawn(async move {
+        self.runtime().spawn(async move {
             if let Err(e) = client.publish(reply, payload).await {
                 tracing::warn!(error = %e, "could not answer a cluster request");
             }
@@ -280,7 +279,7 @@ impl Cluster {
         let client = self.inner.client.clone();
         let me = self.inner.node.clone();
         let s = subject.clone();
-        let task = self.inner.runtime.spawn(async move {
+        let task = self.runtime().spawn(async move {
             let mut sub = match client.subscribe(s.clone()).await {
                 Ok(sub) => sub,
                 Err(e) => {
@@ -300,6 +299,11 @@ impl Cluster {
                 let node = header(HDR_NODE).unwrap_or_default();
                 if node == me {
                     continue;
+                }
+                if let Some(sent) = header(HDR_SENT).and_then(|t| t.parse::<i64>().ok()) {
+                    let micros = (unix_micros() - sent).max(0);
+                    crate::metrics::global()
+                        .notice_arrived(Duration::from_micros(micros.unsigned_abs()));
                 }
                 // A notice for another tenant on this subject would be a bug or an attack
                 // on a shared broker: never act on it.
@@ -350,9 +354,11 @@ impl Cluster {
         self.inner.listeners.contains_key(subject)
     }
 
-    /// Leaves the cluster: every subscription ends.
+    /// Leaves the cluster: every subscription ends, then the cluster's thread with the NATS
+    /// connection (lease releases must have been awaited before).
     pub fn close(&self) {
         self.inner.listeners.clear();
+        self.inner.thread.stop();
     }
 }
 
@@ -360,6 +366,49 @@ impl Cluster {
 fn parse_seq(value: &str) -> Option<(i64, i64)> {
     let (conversation, seq) = value.split_once(':')?;
     Some((conversation.parse().ok()?, seq.parse().ok()?))
+}
+
+/// Connects the NATS client and waits (briefly) for its first connection.
+async fn connect_nats(url: &str, name: String) -> Result<async_nats::Client, ClusterError> {
+    let client = async_nats::ConnectOptions::new()
+        .name(name)
+        // A node delivers to its own hubs directly; the broker need not send its notices
+        // back to it.
+        .no_echo()
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .reconnect_delay_callback(|attempts| {
+            (Duration::from_millis(100) * u32::try_from(attempts).unwrap_or(u32::MAX))
+                .min(MAX_RECONNECT_DELAY)
+        })
+        .event_callback(|event| async move {
+            tracing::info!(%event, "nats connection event");
+        })
+        .connect(url)
+        .await
+        .map_err(|e| ClusterError::Connect {
+            url: url.to_owned(),
+            reason: e.to_string(),
+        })?;
+    // `retry_on_initial_connect` returns before the first connection: wait for it, but not
+    // forever.
+    if tokio::time::timeout(Duration::from_secs(5), client.flush())
+        .await
+        .map_or(true, |r| r.is_err())
+    {
+        return Err(ClusterError::Connect {
+            url: url.to_owned(),
+            reason: "no answer within 5 s".to_owned(),
+        });
+    }
+    Ok(client)
+}
+
+/// Now as Unix time in microseconds (0 if the clock is before 1970).
+fn unix_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
 }
 
 /// Publishes the outbox in order.

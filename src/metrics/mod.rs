@@ -132,6 +132,12 @@ fn delivery_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 15))
 }
 
+/// Cluster notice buckets: 100 µs to about 3 s (a trip through the broker on a quiet
+/// network is a fraction of a millisecond; the tail is what matters).
+fn notice_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0001, 2.0, 16))
+}
+
 /// Queue wait buckets: 1 s to about 68 min.
 fn wait_histogram() -> Histogram {
     Histogram::new(exponential_buckets(1.0, 2.0, 13))
@@ -144,6 +150,9 @@ pub struct Metrics {
     connections: Family<KindLabel, Gauge>,
     delivery: HistogramFamily<TenantLabel>,
     queue_wait: HistogramFamily<TeamLabels>,
+    /// Cluster mode: a notice's trip from another node's publish call to this node's
+    /// listener. Not by tenant: the trip is the broker's and the nodes', the same for all.
+    notice: Histogram,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
@@ -152,6 +161,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     connections: Family::default(),
     delivery: Family::new_with_constructor(delivery_histogram),
     queue_wait: Family::new_with_constructor(wait_histogram),
+    notice: notice_histogram(),
 });
 
 /// The metrics of this process.
@@ -209,6 +219,11 @@ impl Metrics {
             .observe(elapsed.as_secs_f64());
     }
 
+    /// Cluster mode: a notice of another node arrived `trip` after it was published.
+    pub fn notice_arrived(&self, trip: Duration) {
+        self.notice.observe(trip.as_secs_f64());
+    }
+
     /// A conversation was assigned after waiting `waited` in its queue.
     pub fn queue_waited(&self, tenant: &str, team: &str, waited: chrono::TimeDelta) {
         self.queue_wait
@@ -249,6 +264,11 @@ pub fn render(tenants: &[TenantNumbers], governance: &Governance) -> String {
         "queue_wait_seconds",
         "Time conversations waited in the queue before an agent was assigned",
         m.queue_wait.clone(),
+    );
+    r.register(
+        "cluster_notice_seconds",
+        "Cluster mode: time from another node publishing a notice to this node receiving it",
+        m.notice.clone(),
     );
     register_numbers(&mut r, tenants);
     register_governance(&mut r, governance);

@@ -427,6 +427,31 @@ async fn a_conversation_split_across_three_nodes() {
     assert_gap_free(&log);
     assert_eq!(events(&log), ["assigned"]);
 
+    // n2 heard the visitor's writes from n3 through the broker and timed each trip; its NATS
+    // connection runs on a thread of its own.
+    let metrics = n2
+        .platform(reqwest::Method::GET, "/metrics", None)
+        .await
+        .text()
+        .await
+        .unwrap();
+    let trips: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("kefu_cluster_notice_seconds_count "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no notice histogram: {metrics}"));
+    assert!(trips >= 2, "{trips} notices timed");
+    let threads = std::fs::read_dir(format!("/proc/{}/task", n2.child.id())).unwrap();
+    let names: Vec<String> = threads
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_owned())
+        .collect();
+    assert_eq!(
+        names.iter().filter(|n| *n == "kefu-nats").count(),
+        1,
+        "{names:?}"
+    );
+
     // Each node listens only to the subjects of what it hosts: the agent's subject on n2
     // (where its hub is), the visitor's on n3 and n1 (socket, long-poll), never elsewhere;
     // the queue's on exactly one node. The same for the subjects of their conversations'
