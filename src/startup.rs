@@ -10,7 +10,7 @@ use actix_web::middleware::from_fn;
 use actix_web::{App, HttpServer, web};
 
 use crate::accounts::TokenKeys;
-use crate::actors::Realtime;
+use crate::actors::{ActorThreads, Realtime};
 use crate::cluster::{Cluster, ClusterError};
 use crate::governance::{Governance, Limits, limits};
 use crate::http::{self, BodyLimit};
@@ -65,6 +65,7 @@ impl Application {
         let threads = settings.actor_threads.unwrap_or_else(|| {
             std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
         });
+        let actor_threads = ActorThreads::start(threads);
         let cluster = match &settings.nats_url {
             None => None,
             Some(url) => {
@@ -72,7 +73,21 @@ impl Application {
                     .storage()
                     .platform_url()
                     .ok_or(ClusterError::NeedsPostgres)?;
-                let cluster = Cluster::connect(url, &settings.node_id, &platform_url).await?;
+                // Made on the first actor thread, so that the NATS connection's tasks (the
+                // client's socket, the publisher, the subscriptions) run beside the actors
+                // that publish and receive notices: a notice then goes from a conversation
+                // actor to the socket, and from the socket to a hub, without waking another
+                // thread (docs/benchmarks.md, "Cross-node").
+                let (nats, node) = (url.clone(), settings.node_id.clone());
+                let cluster = actor_threads
+                    .run_on_first(
+                        async move { Cluster::connect(&nats, &node, &platform_url).await },
+                    )
+                    .await
+                    .ok_or_else(|| ClusterError::Connect {
+                        url: url.clone(),
+                        reason: "the actor thread stopped".to_owned(),
+                    })??;
                 tracing::info!(nats = %url, node = %settings.node_id, "cluster mode");
                 Some(cluster)
             }
@@ -81,7 +96,7 @@ impl Application {
             settings.node_id.clone(),
             settings.realtime.clone(),
             tenants.clone(),
-            threads,
+            actor_threads,
             cluster,
             Governance::new(settings.breakers.clone(), settings.bulkheads.clone()),
         );

@@ -241,17 +241,55 @@ struct Inner {
     next_conn: AtomicU64,
 }
 
+/// The threads actors run on (arbiters), started before [`Realtime`] so that the cluster's
+/// connection can be made on one of them ([`ActorThreads::run_on_first`]). Dropped without
+/// being handed to [`Realtime::start`] (a start-up that failed), they stop.
+pub struct ActorThreads(Vec<Arbiter>);
+
+impl ActorThreads {
+    /// `threads` arbiters (at least one).
+    pub fn start(threads: usize) -> Self {
+        Self((0..threads.max(1)).map(|_| Arbiter::new()).collect())
+    }
+
+    /// Runs `work` on the first actor thread and returns its output; `None` if that thread
+    /// has stopped. Tasks `work` spawns stay on that thread.
+    pub async fn run_on_first<F>(&self, work: F) -> Option<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let sent = self.0.first()?.spawn(async move {
+            let _ = tx.send(work.await);
+        });
+        if !sent {
+            return None;
+        }
+        rx.await.ok()
+    }
+}
+
+impl Drop for ActorThreads {
+    fn drop(&mut self) {
+        for arbiter in self.0.drain(..) {
+            arbiter.stop();
+        }
+    }
+}
+
 impl Realtime {
-    /// Starts the real-time core with its actors on `threads` threads (at least one).
+    /// Starts the real-time core on `threads`. In cluster mode, `cluster` should have been
+    /// connected on the first of them (see `startup`).
     pub fn start(
         node_id: String,
         settings: RealtimeSettings,
         tenants: Tenants,
-        threads: usize,
+        mut threads: ActorThreads,
         cluster: Option<Cluster>,
         governance: Governance,
     ) -> Self {
-        let owned: Vec<Arbiter> = (0..threads.max(1)).map(|_| Arbiter::new()).collect();
+        let owned: Vec<Arbiter> = std::mem::take(&mut threads.0);
         let arbiters = owned.iter().map(Arbiter::handle).collect();
         let rt = Self {
             inner: Arc::new(Inner {

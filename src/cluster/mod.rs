@@ -16,7 +16,6 @@
 
 pub mod lease;
 pub mod subject;
-mod thread;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,7 +27,6 @@ use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch};
 
 pub use lease::Leases;
-use thread::ClusterThread;
 
 use crate::trace_context::TraceContext;
 
@@ -69,8 +67,6 @@ pub enum ClusterError {
     NeedsPostgres,
     #[error("queue lease: {0}")]
     Lease(#[from] sea_orm::sqlx::Error),
-    #[error("cannot start the cluster thread: {0}")]
-    Thread(#[from] std::io::Error),
 }
 
 /// A notice as received.
@@ -102,9 +98,10 @@ struct Inner {
     listeners: DashMap<String, Listener>,
     /// Queue leases held by this node.
     leases: Leases,
-    /// Where the client's connection task and every cluster task run (see [`thread`]);
-    /// stopped by [`Cluster::close`].
-    thread: ClusterThread,
+    /// Where this node's cluster tasks run: the runtime `connect` was called on, which is
+    /// also where the client's own connection task runs (`startup` calls it on the first actor
+    /// thread, so notices reach and leave the actors without a thread hop).
+    runtime: tokio::runtime::Handle,
 }
 
 struct Outgoing {
@@ -127,32 +124,49 @@ impl Drop for Listener {
 }
 
 impl Cluster {
-    /// Connects to NATS and to the lease database, on a thread of the cluster's own. Fails at
-    /// once when NATS cannot be reached at start-up (a misconfigured node should say so);
-    /// later outages are ridden out by reconnecting.
+    /// Connects to NATS and to the lease database. Fails at once when NATS cannot be reached
+    /// at start-up (a misconfigured node should say so); later outages are ridden out by
+    /// reconnecting.
     pub async fn connect(
         nats_url: &str,
         node: &str,
         platform_db_url: &str,
     ) -> Result<Self, ClusterError> {
-        let thread = ClusterThread::start()?;
-        // Made on the thread, so that the client's tasks and the lease pool's run there.
-        let (url, db_url) = (nats_url.to_owned(), platform_db_url.to_owned());
-        let name = format!("kefu {node}");
-        let (client, leases, outbox) = thread
-            .handle()
-            .spawn(async move {
-                let client = connect_nats(&url, name).await?;
-                let leases = Leases::connect(&db_url).await?;
-                let (outbox, rx) = mpsc::channel(OUTBOX);
-                tokio::spawn(publisher(client.clone(), rx));
-                Ok::<_, ClusterError>((client, leases, outbox))
+        let client = async_nats::ConnectOptions::new()
+            .name(format!("kefu {node}"))
+            // A node delivers to its own hubs directly; the broker need not send its notices
+            // back to it.
+            .no_echo()
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .reconnect_delay_callback(|attempts| {
+                (Duration::from_millis(100) * u32::try_from(attempts).unwrap_or(u32::MAX))
+                    .min(MAX_RECONNECT_DELAY)
             })
+            .event_callback(|event| async move {
+                tracing::info!(%event, "nats connection event");
+            })
+            .connect(nats_url)
             .await
             .map_err(|e| ClusterError::Connect {
                 url: nats_url.to_owned(),
-                reason: format!("the cluster thread failed: {e}"),
-            })??;
+                reason: e.to_string(),
+            })?;
+        // `retry_on_initial_connect` returns before the first connection: wait for it, but
+        // not forever.
+        if tokio::time::timeout(Duration::from_secs(5), client.flush())
+            .await
+            .map_or(true, |r| r.is_err())
+        {
+            return Err(ClusterError::Connect {
+                url: nats_url.to_owned(),
+                reason: "no answer within 5 s".to_owned(),
+            });
+        }
+        let leases = Leases::connect(platform_db_url).await?;
+        let (outbox, rx) = mpsc::channel(OUTBOX);
+        let runtime = tokio::runtime::Handle::current();
+        runtime.spawn(publisher(client.clone(), rx));
         Ok(Self {
             inner: Arc::new(Inner {
                 node: node.to_owned(),
@@ -160,7 +174,7 @@ impl Cluster {
                 outbox,
                 listeners: DashMap::new(),
                 leases,
-                thread,
+                runtime,
             }),
         })
     }
@@ -173,9 +187,8 @@ impl Cluster {
         &self.inner.leases
     }
 
-    /// Where cluster work runs (the cluster's thread).
     pub fn runtime(&self) -> &tokio::runtime::Handle {
-        self.inner.thread.handle()
+        &self.inner.runtime
     }
 
     /// Is the NATS connection up right now?
@@ -229,15 +242,8 @@ impl Cluster {
             headers,
             payload,
         };
-        match self.inner.outbox.try_send(out) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                tracing::warn!("cluster outbox full; notice dropped (clients resync)");
-            }
-            // The node is stopping and its cluster thread has gone.
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                tracing::debug!("cluster closed; notice dropped");
-            }
+        if self.inner.outbox.try_send(out).is_err() {
+            tracing::warn!("cluster outbox full; notice dropped (clients resync)");
         }
     }
 
@@ -259,7 +265,7 @@ impl Cluster {
     /// Answers a request.
     pub fn respond(&self, reply: Subject, payload: Bytes) {
         let client = self.inner.client.clone();
-        self.runtime().spawn(async move {
+        self.inner.runtime.spawn(async move {
             if let Err(e) = client.publish(reply, payload).await {
                 tracing::warn!(error = %e, "could not answer a cluster request");
             }
@@ -279,7 +285,7 @@ impl Cluster {
         let client = self.inner.client.clone();
         let me = self.inner.node.clone();
         let s = subject.clone();
-        let task = self.runtime().spawn(async move {
+        let task = self.inner.runtime.spawn(async move {
             let mut sub = match client.subscribe(s.clone()).await {
                 Ok(sub) => sub,
                 Err(e) => {
@@ -300,16 +306,16 @@ impl Cluster {
                 if node == me {
                     continue;
                 }
-                if let Some(sent) = header(HDR_SENT).and_then(|t| t.parse::<i64>().ok()) {
-                    let micros = (unix_micros() - sent).max(0);
-                    crate::metrics::global()
-                        .notice_arrived(Duration::from_micros(micros.unsigned_abs()));
-                }
                 // A notice for another tenant on this subject would be a bug or an attack
                 // on a shared broker: never act on it.
                 if header(HDR_TENANT).and_then(|t| t.parse().ok()) != Some(tenant) {
                     tracing::warn!(subject = %s, "notice with a foreign or missing tenant dropped");
                     continue;
+                }
+                if let Some(sent) = header(HDR_SENT).and_then(|t| t.parse::<i64>().ok()) {
+                    let micros = (unix_micros() - sent).max(0);
+                    crate::metrics::global()
+                        .notice_arrived(Duration::from_micros(micros.unsigned_abs()));
                 }
                 handler(Notice {
                     tenant,
@@ -354,11 +360,9 @@ impl Cluster {
         self.inner.listeners.contains_key(subject)
     }
 
-    /// Leaves the cluster: every subscription ends, then the cluster's thread with the NATS
-    /// connection (lease releases must have been awaited before).
+    /// Leaves the cluster: every subscription ends.
     pub fn close(&self) {
         self.inner.listeners.clear();
-        self.inner.thread.stop();
     }
 }
 
@@ -366,42 +370,6 @@ impl Cluster {
 fn parse_seq(value: &str) -> Option<(i64, i64)> {
     let (conversation, seq) = value.split_once(':')?;
     Some((conversation.parse().ok()?, seq.parse().ok()?))
-}
-
-/// Connects the NATS client and waits (briefly) for its first connection.
-async fn connect_nats(url: &str, name: String) -> Result<async_nats::Client, ClusterError> {
-    let client = async_nats::ConnectOptions::new()
-        .name(name)
-        // A node delivers to its own hubs directly; the broker need not send its notices
-        // back to it.
-        .no_echo()
-        .retry_on_initial_connect()
-        .max_reconnects(None)
-        .reconnect_delay_callback(|attempts| {
-            (Duration::from_millis(100) * u32::try_from(attempts).unwrap_or(u32::MAX))
-                .min(MAX_RECONNECT_DELAY)
-        })
-        .event_callback(|event| async move {
-            tracing::info!(%event, "nats connection event");
-        })
-        .connect(url)
-        .await
-        .map_err(|e| ClusterError::Connect {
-            url: url.to_owned(),
-            reason: e.to_string(),
-        })?;
-    // `retry_on_initial_connect` returns before the first connection: wait for it, but not
-    // forever.
-    if tokio::time::timeout(Duration::from_secs(5), client.flush())
-        .await
-        .map_or(true, |r| r.is_err())
-    {
-        return Err(ClusterError::Connect {
-            url: url.to_owned(),
-            reason: "no answer within 5 s".to_owned(),
-        });
-    }
-    Ok(client)
 }
 
 /// Now as Unix time in microseconds (0 if the clock is before 1970).
