@@ -207,7 +207,10 @@ impl Cluster {
         h.insert(HDR_NODE, self.inner.node.as_str());
         h.insert(HDR_TENANT, tenant.to_string().as_str());
         h.insert(HDR_TRACEPARENT, trace.header().as_str());
-        h.insert(HDR_SENT, unix_micros().to_string().as_str());
+        h.insert(
+            HDR_SENT,
+            chrono::Utc::now().timestamp_micros().to_string().as_str(),
+        );
         h
     }
 
@@ -313,9 +316,10 @@ impl Cluster {
                     continue;
                 }
                 if let Some(sent) = header(HDR_SENT).and_then(|t| t.parse::<i64>().ok()) {
-                    let micros = (unix_micros() - sent).max(0);
+                    // A clock behind the sender's counts as no time at all.
+                    let micros = chrono::Utc::now().timestamp_micros() - sent;
                     crate::metrics::global()
-                        .notice_arrived(Duration::from_micros(micros.unsigned_abs()));
+                        .notice_arrived(Duration::from_micros(u64::try_from(micros).unwrap_or(0)));
                 }
                 handler(Notice {
                     tenant,
@@ -370,13 +374,6 @@ impl Cluster {
 fn parse_seq(value: &str) -> Option<(i64, i64)> {
     let (conversation, seq) = value.split_once(':')?;
     Some((conversation.parse().ok()?, seq.parse().ok()?))
-}
-
-/// Now as Unix time in microseconds (0 if the clock is before 1970).
-fn unix_micros() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
 }
 
 /// Publishes the outbox in order.
